@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make test` and `make bench`. Each sets up .venv as needed.
+PYTHON ?= python3
+VENV   ?= .venv
+# This machine keeps a CPU build of torch on disk; a GPU user may pre-install a CUDA build into
+# .venv (or pass TORCH_SPEC='torch==2.13.0' with their index): an importable torch is never replaced.
+TORCH_SPEC ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.hyperkern-installed
+PYTEST_ARGS ?=
+
+.PHONY: test bench verify info compile-check clean venv
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m hyperkern bench
+
+verify: $(STAMP)
+	$(PY) -m hyperkern verify
+
+info: $(STAMP)
+	$(PY) -m hyperkern info
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks bench-results

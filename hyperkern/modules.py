@@ -1,0 +1,332 @@
+"""``HyperLSTMCell`` and ``HyperLSTM``: thin modules over the dispatched HyperLSTM op.
+
+The modules own the parameters (names, shapes and initialisation per SPEC §1), validate input,
+and handle what is the same for every backend: stacking, directions, variable length,
+inter-layer dropout and recurrent-dropout masks. The maths lives in ``hyperkern.ops.hyper_lstm``.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .ops import hyper_lstm as op
+from .ops.hyper_lstm.common import CellConfig, HyperLSTMState
+
+
+class HyperLSTMCell(nn.Module):
+    """One HyperLSTM cell (SPEC §1). ``forward(x, state=None) -> (h, state)`` runs one step.
+
+    ``x`` is ``[B, input_size]`` (or ``[input_size]`` unbatched); ``state`` is a
+    :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` of ``[B, *]`` tensors, zeros if omitted.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
+                 layer_norm: bool = True, forget_bias: float = 1.0, ln_eps: float = 1e-3,
+                 recurrent_dropout: float = 0.0, init: str = "supercell", backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("hyper_size", hyper_size), ("embed_size", embed_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0.0 <= recurrent_dropout < 1.0:
+            raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout!r}")
+        self.cfg = CellConfig(input_size, hidden_size, hyper_size, embed_size, bool(layer_norm),
+                              float(forget_bias), float(ln_eps))
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        for name, shape in self.cfg.param_shapes().items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters(init)
+
+    # --- SPEC §1 initialisation ------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "supercell") -> None:
+        if init != "supercell":
+            raise ValueError(f"init must be 'supercell', got {init!r}")
+        H, Hh, E = self.cfg.hidden_size, self.cfg.hyper_size, self.cfg.embed_size
+        nn.init.xavier_uniform_(self.weight_ih)
+        nn.init.xavier_uniform_(self.hyper_weight_ih)
+        for w, n in ((self.weight_hh, H), (self.hyper_weight_hh, Hh)):
+            for y in range(4):
+                nn.init.orthogonal_(w[y * n:(y + 1) * n])
+        self.bias.zero_()
+        self.hyper_bias.zero_()
+        self.z_weight.zero_()
+        self.z_weight[8 * E:].normal_(0.0, 0.01)  # bias path only
+        self.z_bias.fill_(1.0)
+        self.d_weight[:8].fill_(0.1 / E)  # x- and h-paths: d = 0.1 exactly at init
+        self.d_weight[8:].zero_()  # bias path: beta = 0 at init
+        if self.cfg.layer_norm:
+            for name in ("ln_weight", "ln_cell_weight", "hyper_ln_weight", "hyper_ln_cell_weight"):
+                getattr(self, name).fill_(1.0)
+            for name in ("ln_bias", "ln_cell_bias", "hyper_ln_bias", "hyper_ln_cell_bias"):
+                getattr(self, name).zero_()
+
+    def params(self) -> dict:
+        return {name: getattr(self, name) for name in self.cfg.param_names()}
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.input_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.hidden_size
+
+    @property
+    def hyper_size(self) -> int:
+        return self.cfg.hyper_size
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"{c.input_size}, {c.hidden_size}, hyper_size={c.hyper_size}, embed_size={c.embed_size}, "
+                f"layer_norm={c.layer_norm}, forget_bias={c.forget_bias}, ln_eps={c.ln_eps}, "
+                f"recurrent_dropout={self.recurrent_dropout}, backend={self.backend!r}")
+
+    def dropout_masks(self, T: int, B: int, like: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """Inverted recurrent-dropout masks for T steps, or None when dropout is off."""
+        p = self.recurrent_dropout
+        if not (self.training and p > 0):
+            return None
+        keep = 1.0 - p
+        def draw(n):
+            return torch.empty(T, B, n, device=like.device, dtype=like.dtype).bernoulli_(keep).div_(keep)
+        return draw(self.cfg.hidden_size), draw(self.cfg.hyper_size)
+
+    def run(self, x: Tensor, state, lengths=None, backend: Optional[str] = None):
+        """Run over ``x [T, B, X]`` in time order (the op's calling convention, no validation)."""
+        name = op.resolve_backend(backend or self.backend, x.device)
+        masks = self.dropout_masks(x.shape[0], x.shape[1], x)
+        return op.get_backend(name)(x, tuple(state), self.params(), self.cfg, lengths, masks)
+
+    def forward(self, x: Tensor, state=None) -> Tuple[Tensor, HyperLSTMState]:
+        _check_tensor("x", x, self.weight_ih)
+        unbatched = x.dim() == 1
+        if x.dim() not in (1, 2):
+            raise ValueError(f"x must be [batch, input_size] or [input_size], got shape {tuple(x.shape)}")
+        if unbatched:
+            x = x.unsqueeze(0)
+        _check_features("x", x, self.cfg.input_size)
+        B = x.shape[0]
+        sizes = _state_sizes(self.cfg)
+        if state is None:
+            state = tuple(x.new_zeros(B, n) for n in sizes)
+        else:
+            state = _check_state(state, [(B, n) for n in sizes] if not unbatched else [(n,) for n in sizes],
+                                 x, "state")
+            if unbatched:
+                state = tuple(s.unsqueeze(0) for s in state)
+        _, new = self.run(x.unsqueeze(0), state)
+        new = HyperLSTMState(*(s.squeeze(0) for s in new)) if unbatched else HyperLSTMState(*new)
+        return new.h, new
+
+
+class HyperLSTM(nn.Module):
+    """A stack of HyperLSTM cells shaped like ``nn.LSTM``.
+
+    ``forward(input, state=None, lengths=None) -> (output, state)``:
+
+    - ``input``: ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``), an
+      unbatched ``[T, input_size]``, or a ``PackedSequence`` (the output is then packed too).
+    - ``state``: :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` (a plain 4-tuple is accepted),
+      each ``[num_layers * num_directions, B, hidden_size or hyper_size]``; zeros if omitted.
+    - ``lengths``: optional ``[B]`` valid lengths for a padded ``input`` (an alternative to packing).
+    - ``output``: ``[T, B, num_directions * hidden_size]``; zero past each sequence's end.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
+                 num_layers: int = 1, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, layer_norm: bool = True, forget_bias: float = 1.0,
+                 ln_eps: float = 1e-3, recurrent_dropout: float = 0.0, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout!r}")
+        self.input_size, self.hidden_size, self.hyper_size = input_size, hidden_size, hyper_size
+        self.embed_size, self.num_layers = embed_size, num_layers
+        self.batch_first, self.dropout, self.bidirectional = bool(batch_first), float(dropout), bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self.backend = backend  # validated on use, settable: "auto", "reference", "torch"
+        cells = []
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else hidden_size * self.num_directions
+            for _ in range(self.num_directions):
+                cells.append(HyperLSTMCell(layer_in, hidden_size, hyper_size, embed_size, layer_norm,
+                                           forget_bias, ln_eps, recurrent_dropout, device=device, dtype=dtype))
+        self.cells = nn.ModuleList(cells)  # layer-major, then direction (forward, reverse)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and name not in op.BACKENDS:
+            raise ValueError(f"backend must be one of {op.BACKENDS + ('auto',)}, got {name!r}")
+        self._backend = name
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "
+                f"embed_size={self.embed_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, "
+                f"dropout={self.dropout}, bidirectional={self.bidirectional}, backend={self.backend!r}")
+
+    def forward(self, input: Union[Tensor, PackedSequence], state=None,
+                lengths: Optional[Union[Tensor, Sequence[int]]] = None):
+        ref = self.cells[0].weight_ih
+        packed = isinstance(input, PackedSequence)
+        unbatched = False
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths must not be given with a PackedSequence input (it carries its own)")
+            _check_tensor("input", input.data, ref)
+            x, lengths = pad_packed_sequence(input)  # [T, B, X], original batch order
+            order = input.sorted_indices
+        else:
+            _check_tensor("input", input, ref)
+            if input.dim() == 2:
+                unbatched, x = True, input.unsqueeze(1)
+            elif input.dim() == 3:
+                x = input.transpose(0, 1) if self.batch_first else input
+            else:
+                raise ValueError(f"input must be [T, B, input_size]{' (batch_first: [B, T, input_size])' if self.batch_first else ''}"
+                                 f" or unbatched [T, input_size], got shape {tuple(input.shape)}")
+            order = None
+        T, B = x.shape[0], x.shape[1]
+        if T == 0 or B == 0:
+            raise ValueError(f"input must have at least one step and one sequence, got T={T}, B={B}")
+        _check_features("input", x, self.input_size)
+        if lengths is not None:
+            lengths = _check_lengths(lengths, B, T)
+            if order is None:
+                order = torch.argsort(lengths, descending=True, stable=True)
+            lengths = lengths[order]
+            if bool((lengths == T).all()):
+                lengths = None  # every sequence is full: the fixed-length path
+        L = self.num_layers * self.num_directions
+        sizes = _state_sizes(self.cells[0].cfg)
+        if state is None:
+            state = [x.new_zeros(L, B, n) for n in sizes]
+        else:
+            want = [(L, n) if unbatched else (L, B, n) for n in sizes]
+            state = list(_check_state(state, want, x, "state"))
+            if unbatched:
+                state = [s.unsqueeze(1) for s in state]
+        if order is not None:
+            dev_order = order.to(x.device)
+            x = x.index_select(1, dev_order)
+            state = [s.index_select(1, dev_order) for s in state]
+
+        finals: List[Tuple[Tensor, ...]] = []
+        layer_in = x
+        rev_index = _reverse_index(lengths, T, B, x.device) if self.bidirectional else None
+        for layer in range(self.num_layers):
+            outs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                s0 = tuple(s[k] for s in state)
+                if direction == 0:
+                    out, sT = self.cells[k].run(layer_in, s0, lengths, self.backend)
+                else:
+                    out, sT = self.cells[k].run(_reverse(layer_in, rev_index), s0, lengths, self.backend)
+                    out = _reverse(out, rev_index)
+                outs.append(out)
+                finals.append(sT)
+            layer_in = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_in = nn.functional.dropout(layer_in, self.dropout, training=True)
+        output = layer_in
+        final = [torch.stack([f[i] for f in finals]) for i in range(4)]
+
+        if order is not None:
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(B, device=order.device)
+            final = [s.index_select(1, inverse.to(x.device)) for s in final]
+        if packed:
+            full = lengths if lengths is not None else torch.full((B,), T, dtype=torch.int64)
+            data = pack_padded_sequence(output, full, enforce_sorted=True).data
+            output = PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        else:
+            if order is not None:
+                output = output.index_select(1, inverse.to(x.device))
+            if unbatched:
+                output, final = output.squeeze(1), [s.squeeze(1) for s in final]
+            elif self.batch_first:
+                output = output.transpose(0, 1)
+        return output, HyperLSTMState(*final)
+
+
+# --- helpers shared by the two modules -------------------------------------------------------
+
+def _state_sizes(cfg: CellConfig):
+    return (cfg.hidden_size, cfg.hidden_size, cfg.hyper_size, cfg.hyper_size)
+
+
+def _check_tensor(name: str, t, ref: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the parameters' dtype {ref.dtype}, got {t.dtype} "
+                        f"(convert the input or call .to({t.dtype}) on the module)")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the parameters' device {ref.device}, got {t.device}")
+
+
+def _check_features(name: str, x: Tensor, size: int) -> None:
+    if x.shape[-1] != size:
+        raise ValueError(f"{name} must have {size} features (input_size) in its last dimension, "
+                         f"got shape {tuple(x.shape)}")
+    if x.shape[-2] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); need at least one sequence")
+
+
+def _check_state(state, shapes, x: Tensor, name: str):
+    if not isinstance(state, (tuple, list)) or len(state) != 4:
+        raise TypeError(f"{name} must be a HyperLSTMState or a 4-tuple (h, c, h_hat, c_hat), "
+                        f"got {type(state).__name__}")
+    out = []
+    for field, s, shape in zip(HyperLSTMState._fields, state, shapes):
+        if not isinstance(s, Tensor):
+            raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(s).__name__}")
+        if tuple(s.shape) != tuple(shape):
+            raise ValueError(f"{name}.{field} must have shape {tuple(shape)}, got {tuple(s.shape)}")
+        if s.dtype != x.dtype:
+            raise TypeError(f"{name}.{field} must have dtype {x.dtype}, got {s.dtype}")
+        if s.device != x.device:
+            raise ValueError(f"{name}.{field} must be on device {x.device}, got {s.device}")
+        out.append(s)
+    return tuple(out)
+
+
+def _check_lengths(lengths, B: int, T: int) -> Tensor:
+    lengths = torch.as_tensor(lengths).to("cpu")
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1:
+        raise TypeError(f"lengths must be a 1-D integer tensor or sequence of {B} ints, got "
+                        f"dtype {lengths.dtype} and shape {tuple(lengths.shape)}")
+    if lengths.numel() != B:
+        raise ValueError(f"lengths must have one entry per sequence ({B}), got {lengths.numel()}")
+    if bool((lengths < 1).any()) or bool((lengths > T).any()):
+        raise ValueError(f"lengths must lie in [1, {T}] (T = input's time dimension), got {lengths.tolist()}")
+    return lengths.to(torch.int64)
+
+
+def _reverse_index(lengths: Optional[Tensor], T: int, B: int, device) -> Optional[Tensor]:
+    """Index [T, B] that reverses each sequence within its own length (an involution)."""
+    if lengths is None:
+        return None
+    t = torch.arange(T).unsqueeze(1)
+    idx = torch.where(t < lengths, lengths - 1 - t, t)
+    return idx.to(device)
+
+
+def _reverse(x: Tensor, index: Optional[Tensor]) -> Tensor:
+    if index is None:
+        return x.flip(0)
+    return x.gather(0, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,100 @@
+"""What every HyperLSTM backend shares: the cell's configuration, its parameter names and the
+calling convention of a backend (SPEC §1 is the contract for the maths).
+
+A backend runs ONE cell (one layer, one direction) over a whole sequence:
+
+    out, (h, c, h_hat, c_hat) = backend(x, state, params, cfg, lengths=None, masks=None)
+
+- ``x``: ``[T, B, X]``, already in processing order (the module reverses sequences for the
+  reverse direction, so backends only ever run forward in time).
+- ``state``: 4-tuple of ``[B, H]``, ``[B, H]``, ``[B, Hh]``, ``[B, Hh]``.
+- ``params``: dict name -> tensor, names from :data:`PARAM_NAMES` (layer-norm ones only when
+  ``cfg.layer_norm``).
+- ``lengths``: ``None`` (every sequence has T steps) or a CPU int64 tensor ``[B]`` sorted
+  non-increasing, each in ``[1, T]``. Past a sequence's end its state is carried unchanged and
+  its outputs are zero.
+- ``masks``: ``None`` or ``(m_main [T, B, H], m_hyper [T, B, Hh])`` recurrent-dropout masks,
+  already scaled by ``1 / (1 - p)``; they multiply ``tanh(g)``.
+
+Returns ``out [T, B, H]`` and the final state (each sequence's state at its own last step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+GATES = ("i", "f", "g", "o")  # nn.LSTM order, everywhere
+NUM_PATHS = 12  # z/d paths: x-path (i,f,g,o), h-path (i,f,g,o), bias-path (i,f,g,o)
+
+BASE_PARAM_NAMES = (
+    "weight_ih", "weight_hh", "bias",
+    "hyper_weight_ih", "hyper_weight_hh", "hyper_bias",
+    "z_weight", "z_bias", "d_weight",
+)
+LN_PARAM_NAMES = (
+    "ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias",
+    "hyper_ln_weight", "hyper_ln_bias", "hyper_ln_cell_weight", "hyper_ln_cell_bias",
+)
+PARAM_NAMES = BASE_PARAM_NAMES + LN_PARAM_NAMES
+
+
+class HyperLSTMState(NamedTuple):
+    """Recurrent state; in the layer each field is ``[num_layers * num_directions, B, *]``."""
+
+    h: Tensor
+    c: Tensor
+    h_hat: Tensor
+    c_hat: Tensor
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    input_size: int
+    hidden_size: int
+    hyper_size: int = 128
+    embed_size: int = 4
+    layer_norm: bool = True
+    forget_bias: float = 1.0
+    ln_eps: float = 1e-3
+
+    def param_names(self) -> Tuple[str, ...]:
+        return PARAM_NAMES if self.layer_norm else BASE_PARAM_NAMES
+
+    def param_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        X, H, Hh, E = self.input_size, self.hidden_size, self.hyper_size, self.embed_size
+        shapes = {
+            "weight_ih": (4 * H, X),
+            "weight_hh": (4 * H, H),
+            "bias": (4 * H,),
+            "hyper_weight_ih": (4 * Hh, X + H),
+            "hyper_weight_hh": (4 * Hh, Hh),
+            "hyper_bias": (4 * Hh,),
+            "z_weight": (NUM_PATHS * E, Hh),
+            "z_bias": (8 * E,),
+            "d_weight": (NUM_PATHS, H, E),
+            "ln_weight": (4, H),
+            "ln_bias": (4, H),
+            "ln_cell_weight": (H,),
+            "ln_cell_bias": (H,),
+            "hyper_ln_weight": (4, Hh),
+            "hyper_ln_bias": (4, Hh),
+            "hyper_ln_cell_weight": (Hh,),
+            "hyper_ln_cell_bias": (Hh,),
+        }
+        return {name: shapes[name] for name in self.param_names()}
+
+    def num_parameters(self) -> int:
+        """SPEC §1 closed form (checked against the modules' real count in the tests)."""
+        X, H, Hh, E = self.input_size, self.hidden_size, self.hyper_size, self.embed_size
+        n = 4 * Hh * (X + H + Hh) + 4 * Hh + 4 * H * (X + H) + 4 * H
+        n += 12 * Hh * E + 8 * E + 12 * E * H
+        if self.layer_norm:
+            n += 10 * Hh + 10 * H
+        return n
+
+
+Lengths = Optional[Tensor]
+Masks = Optional[Tuple[Tensor, Tensor]]

@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="hyperkern",
+    version="0.1.0",
+    description="Fused Triton kernels and a fast PyTorch backend for HyperNetworks (HyperLSTM, static hypernetworks)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # The Triton kernels live in the top-level kernels/ folder and install as hyperkern.kernels.
+    packages=["hyperkern", "hyperkern.ops", "hyperkern.ops.hyper_lstm", "hyperkern.kernels"],
+    package_dir={"hyperkern.kernels": "kernels"},
+    install_requires=["torch>=2.3", "numpy"],
+    extras_require={
+        # torch's CUDA wheels already bring a matching Triton; the test extra installs it so the
+        # kernels can run under TRITON_INTERPRET=1 on a CPU-only machine.
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "triton>=3.7,<3.10; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["hyperkern=hyperkern.__main__:main"]},
+)
