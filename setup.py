@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="hyperkern",
@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # The Triton kernels live in the top-level kernels/ folder and install as hyperkern.kernels.
-    packages=["hyperkern", "hyperkern.ops", "hyperkern.ops.hyper_lstm", "hyperkern.kernels"],
+    packages=find_packages(include=["hyperkern", "hyperkern.*"]) + ["hyperkern.kernels"],
     package_dir={"hyperkern.kernels": "kernels"},
     install_requires=["torch>=2.3", "numpy"],
     extras_require={
