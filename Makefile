@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hyperkern-installed
 PYTEST_ARGS ?=
 
-.PHONY: test bench verify info compile-check clean venv
+.PHONY: test bench bench-suite verify info compile-check clean venv
 
 venv: $(STAMP)
 
@@ -32,3 +32,9 @@ info: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks bench-results
+
+bench-suite: $(STAMP)
+	$(PY) -m pytest benchmarks $(PYTEST_ARGS)
+
+compile-check: $(STAMP)
+	$(PY) -m hyperkern compile-check
