@@ -3,35 +3,58 @@
 - ``naive``        — the float64-capable reference (the oracle), backend name ``"reference"``.
 - ``fused_torch``  — the fast PyTorch backend (hoisted input GEMM, hand-written backward),
                      backend name ``"torch"``; the CPU path.
-- ``fused_triton`` — fused Triton kernels (``"triton"``), once they ship.
+- ``fused_triton`` — fused Triton kernels (``"triton"``): forward only for now; CUDA tensors,
+                     or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 
 Every backend follows the calling convention documented in :mod:`.common`.
 """
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable, Dict, Tuple
 
 import torch
 
 from .common import CellConfig, HyperLSTMState, PARAM_NAMES  # noqa: F401  (re-exported)
 
-BACKENDS = ("reference", "torch")
-_MODULES = {"reference": ".naive", "torch": ".fused_torch"}
+BACKENDS = ("reference", "torch", "triton")
+_MODULES = {"reference": ".naive", "torch": ".fused_torch", "triton": ".fused_triton"}
 
 
-def backend_status(name: str) -> Tuple[bool, str]:
-    """(usable here, why or why not)."""
+def _triton_status(device=None) -> Tuple[bool, str]:
+    """Triton imports AND (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1). Imports triton
+    only when asked (never when hyperkern is imported)."""
+    try:
+        import triton
+    except Exception as e:  # noqa: BLE001
+        return False, f"triton does not import ({type(e).__name__}: {e})"
+    interp = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    where = "CUDA" if device is None else str(device)
+    if (device is None and torch.cuda.is_available()) or (device is not None and torch.device(device).type == "cuda"):
+        return True, f"Triton {triton.__version__} kernels on {where} (forward only)"
+    if interp and (device is None or torch.device(device).type == "cpu"):
+        return True, f"Triton {triton.__version__} interpreter on CPU tensors (TRITON_INTERPRET=1; slow, for tests)"
+    return False, f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {where if device is not None else 'no CUDA device'}"
+
+
+def backend_status(name: str, device=None) -> Tuple[bool, str]:
+    """(usable here, why or why not); ``device``: the tensors' device, if known."""
     if name in ("reference", "torch"):
         return True, "plain PyTorch, any device"
+    if name == "triton":
+        return _triton_status(device)
     return False, f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}"
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """Map ``"auto"`` to the fastest correct backend for ``device``; validate explicit names."""
     if name == "auto":
+        # Triton for inference on CUDA; training keeps "torch" until the Triton backward ships.
+        if torch.device(device).type == "cuda" and not torch.is_grad_enabled() and backend_status("triton", device)[0]:
+            return "triton"
         return "torch"
-    ok, why = backend_status(name)
+    ok, why = backend_status(name, device)
     if not ok:
         raise ValueError(f"backend {name!r} is not available: {why}")
     return name

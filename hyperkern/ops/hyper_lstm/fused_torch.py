@@ -125,9 +125,10 @@ class _Linear:
     """``x @ W^T`` for a weight reused every step: MKL-packed sgemm for float32 on CPU (about
     1.4-1.8x faster than ``mm`` at the benchmark shapes), ``mm`` everywhere else."""
 
-    def __init__(self, W: Tensor, batch: int):
+    def __init__(self, W: Tensor, batch: int, uses: int):
         self.W, self.Wt, self.batch, self.packed = W, W.t(), batch, None
-        if W.dtype == torch.float32 and W.device.type == "cpu" and torch.backends.mkl.is_available():
+        # packing costs about two plain matmuls: only worth it when the weight is reused
+        if uses >= 4 and W.dtype == torch.float32 and W.device.type == "cpu" and torch.backends.mkl.is_available():
             try:
                 self.packed = torch.ops.mkl._mkl_reorder_linear_weight(W, batch)
             except (RuntimeError, AttributeError):  # torch built without it
@@ -159,7 +160,7 @@ class _HyperLSTMSequence(torch.autograd.Function):
         xp_hyper = XP[..., 4 * H:].unbind(0)  # T x [B, 4K]
         # the hyper cell's two recurrent matmuls as one, over [h_{t-1} | h_hat_{t-1}]
         W_rec_t = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1).t()  # [H+K, 4K]
-        lin_hh = _Linear(p["weight_hh"], B)
+        lin_hh = _Linear(p["weight_hh"], B, uses=T)
         zb = torch.cat([p["z_bias"], p["z_bias"].new_zeros(4 * E)])
         z_w_t = p["z_weight"].t()
         d_w_t = _scaling_weight(p)  # [12, E+1, H]
@@ -221,7 +222,7 @@ class _HyperLSTMSequence(torch.autograd.Function):
         main, hyper = _cells(cfg, p, x)
         d_w, d_w_t = p["d_weight"], _scaling_weight(p)
         W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
-        lin_hh_t = _Linear(p["weight_hh"].t().contiguous(), B)  # dG @ W_hh
+        lin_hh_t = _Linear(p["weight_hh"].t().contiguous(), B, uses=T)  # dG @ W_hh
         xp_main = XP[..., :4 * H].unflatten(-1, (4, H)).unbind(0)
 
         def grad_or_zeros(g, n):
