@@ -68,16 +68,17 @@ class _GatedCell:
             an = mean = rstd = None
             g = a + self.shift
         s = torch.sigmoid(g)  # slot 2 (the g gate) goes unused
+        s_i, s_f, _, s_o = s.unbind(1)
         tg = torch.tanh(g[:, 2])
         tgm = tg * mask if mask is not None else tg
-        torch.addcmul(s[:, 1] * c_prev, s[:, 0], tgm, out=c_out)
+        torch.addcmul(s_f * c_prev, s_i, tgm, out=c_out)
         if self.layer_norm:
             cn, c_mean, c_rstd = _native_ln(c_out, (K,), self.ln_cell_w, self.ln_cell_b, self.eps)
         else:
             cn = c_out
             c_mean = c_rstd = None
         tc = torch.tanh(cn)
-        torch.mul(s[:, 3], tc, out=h_out)
+        torch.mul(s_o, tc, out=h_out)
         return a, mean, rstd, an, s, tg, tgm, c_prev, c_out, c_mean, c_rstd, tc, mask
 
     def backward(self, dh: Tensor, dc: Tensor, saved):
@@ -140,8 +141,11 @@ class _Linear:
         return torch.mm(x, self.Wt)
 
 
-def _rows(n: int, B: int):
-    return slice(None) if n == B else slice(0, n)
+def _alive(n: int, B: int, *views):
+    """The first n rows (the sequences still running) of each ``[B, ...]`` view (None passes)."""
+    if n == B:
+        return views
+    return tuple(None if v is None else v[:n] for v in views)
 
 
 class _HyperLSTMSequence(torch.autograd.Function):
@@ -163,13 +167,13 @@ class _HyperLSTMSequence(torch.autograd.Function):
         lin_hh = _Linear(p["weight_hh"], B, uses=T)
         zb = torch.cat([p["z_bias"], p["z_bias"].new_zeros(4 * E)])
         z_w_t = p["z_weight"].t()
-        d_w_t = _scaling_weight(p)  # [12, E+1, H]
+        d_w_t = p["d_weight"].transpose(1, 2).contiguous()  # [12, E, H]
+        bias4 = p["bias"].view(4, H)
 
         HS = x.new_empty(T + 1, B, H + K)  # [h_t | h_hat_t], the matmul operand of every step
         Cm, Ch = x.new_empty(T + 1, B, H), x.new_empty(T + 1, B, K)  # c_t, c_hat_t
         HS[0, :, :H], HS[0, :, H:], Cm[0], Ch[0] = h0, hh0, c0, ch0
-        ZT = x.new_empty(T, 12, B, E + 1)  # embeddings, path-major (the bmm's layout)
-        ZT[..., E] = 1.0  # the constant slot that carries `bias` on the bias path
+        ZT = x.new_empty(T, 12, B, E)  # embeddings, path-major (the bmm's layout)
         hs, h_v, hh_v = HS.unbind(0), HS[..., :H].unbind(0), HS[..., H:].unbind(0)
         cm, ch, zt_v = Cm.unbind(0), Ch.unbind(0), ZT.unbind(0)
         main, hyper = _cells(cfg, p, x)
@@ -177,23 +181,22 @@ class _HyperLSTMSequence(torch.autograd.Function):
 
         for t in range(T):
             n = counts[t]
-            r = _rows(n, B)
             if n < B:  # finished sequences carry their state
                 HS[t + 1, n:], Cm[t + 1, n:], Ch[t + 1, n:] = HS[t, n:], Cm[t, n:], Ch[t, n:]
-            a_hat = torch.addmm(xp_hyper[t][r], hs[t][r], W_rec_t).view(n, 4, K)
-            saved_hyper.append(hyper.forward(a_hat, ch[t][r], ch[t + 1][r], hh_v[t + 1][r],
-                                             None if m_hyper is None else m_hyper[t, r]))
-            z = torch.addmm(zb, hh_v[t + 1][r], z_w_t)  # [n, 12E], from the NEW h_hat
-            zt = zt_v[t][:, r]
-            zt[..., :E] = z.view(n, 12, E).transpose(0, 1)
-            # d_x, d_h and beta + bias: [paths x|h|bias, n, 4, H]
-            d = torch.bmm(zt, d_w_t).view(3, 4, n, H).transpose(1, 2)
-            wh = lin_hh(h_v[t][r]).view(n, 4, H)
+            xph, hs_t, c_hat_prev, c_hat, h_hat, xpm, h_prev, c_prev, c_new, h_new, mh, mm = _alive(
+                n, B, xp_hyper[t], hs[t], ch[t], ch[t + 1], hh_v[t + 1], xp_main[t], h_v[t], cm[t], cm[t + 1],
+                h_v[t + 1], None if m_hyper is None else m_hyper[t], None if m_main is None else m_main[t])
+            a_hat = torch.addmm(xph, hs_t, W_rec_t).view(n, 4, K)
+            saved_hyper.append(hyper.forward(a_hat, c_hat_prev, c_hat, h_hat, mh))
+            z = torch.addmm(zb, h_hat, z_w_t)  # [n, 12E], from the NEW h_hat
+            zt = zt_v[t] if n == B else zt_v[t][:, :n]
+            zt.copy_(z.view(n, 12, E).transpose(0, 1))
+            d_x, d_h, beta = torch.bmm(zt, d_w_t).view(3, 4, n, H).transpose(1, 2).unbind(0)  # [n, 4, H] each
+            wh = lin_hh(h_prev).view(n, 4, H)
             whs.append(wh)
-            a = torch.addcmul(d[2], d[0], xp_main[t][r], out=x.new_empty(n, 4, H))  # contiguous
-            a.addcmul_(d[1], wh)
-            saved_main.append(main.forward(a, cm[t][r], cm[t + 1][r], h_v[t + 1][r],
-                                           None if m_main is None else m_main[t, r]))
+            a = torch.add(beta, bias4, out=x.new_empty(n, 4, H))  # contiguous, whatever d's layout
+            a.addcmul_(d_x, xpm).addcmul_(d_h, wh)
+            saved_main.append(main.forward(a, c_prev, c_new, h_new, mm))
 
         out = HS[1:, :, :H]
         if counts[-1] < B:
@@ -220,7 +223,8 @@ class _HyperLSTMSequence(torch.autograd.Function):
         T, B, X = x.shape
         H, K, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
         main, hyper = _cells(cfg, p, x)
-        d_w, d_w_t = p["d_weight"], _scaling_weight(p)
+        d_w = p["d_weight"]
+        d_w_t = d_w.transpose(1, 2).contiguous()
         W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
         lin_hh_t = _Linear(p["weight_hh"].t().contiguous(), B, uses=T)  # dG @ W_hh
         xp_main = XP[..., :4 * H].unflatten(-1, (4, H)).unbind(0)
@@ -236,36 +240,42 @@ class _HyperLSTMSequence(torch.autograd.Function):
         DZ = x.new_zeros(T, B, 12 * E)
         dxp_main = DXP[..., :4 * H].unflatten(-1, (4, H)).unbind(0)
         dxp_hyper, dwh_v, dz_v = DXP[..., 4 * H:].unbind(0), DWH.unbind(0), DZ.unbind(0)
-        dd_weight = x.new_zeros(12, H, E + 1)  # [d_weight | bias] (see _scaling_weight)
-        dgs_main, dcns_main, dgs_hyper, dcns_hyper = [], [], [], []
+        dd_weight = torch.zeros_like(d_w)
+        das, dgs_main, dcns_main, dgs_hyper, dcns_hyper = [], [], [], [], []
 
         for t in reversed(range(T)):
             n = counts[t]
-            r = _rows(n, B)
-            da, dc_prev, dg, dcn = main.backward(dh[r] + d_out[t][r], dc[r], saved_main[t])
+            dh_t, dc_t, dhh_t, dch_t, dout_t, xpm, dxpm, dxph, dwh, dz = _alive(
+                n, B, dh, dc, dhh, dch, d_out[t], xp_main[t], dxp_main[t], dxp_hyper[t],
+                dwh_v[t].view(B, 4, H), dz_v[t])
+            zt = ZT[t] if n == B else ZT[t][:, :n]  # [12, n, E]
+            da, dc_prev, dg, dcn = main.backward(dh_t + dout_t, dc_t, saved_main[t])
+            das.append(da)
             dgs_main.append(dg)
             dcns_main.append(dcn)
-            zt = ZT[t][:, r]  # [12, n, E+1]
-            d = torch.bmm(zt, d_w_t).view(3, 4, n, H).transpose(1, 2)  # [3, n, 4, H]
-            torch.mul(da, d[0], out=dxp_main[t][r])
-            dwh = torch.mul(da, d[1], out=dwh_v[t][r].view(n, 4, H))
+            # a = d_x ⊙ wx + d_h ⊙ wh + bias + beta
+            d_x, d_h = torch.bmm(zt[:8], d_w_t[:8]).view(2, 4, n, H).transpose(1, 2).unbind(0)
+            torch.mul(da, d_x, out=dxpm)
+            torch.mul(da, d_h, out=dwh)
             dd = x.new_empty(12, n, H)  # d/d(scaling vectors), paths x, h, bias
-            dd4 = dd.view(3, 4, n, H).transpose(1, 2)
-            torch.mul(da, xp_main[t][r], out=dd4[0])
-            torch.mul(da, whs[t], out=dd4[1])
-            dd4[2].copy_(da)
-            dz = torch.bmm(dd, d_w, out=dz_v[t][r].view(n, 12, E).transpose(0, 1))
+            dd_x, dd_h, dd_b = dd.view(3, 4, n, H).transpose(1, 2).unbind(0)
+            torch.mul(da, xpm, out=dd_x)
+            torch.mul(da, whs[t], out=dd_h)
+            dd_b.copy_(da)
+            torch.bmm(dd, d_w, out=dz.view(n, 12, E).transpose(0, 1))
             dd_weight.baddbmm_(dd.transpose(1, 2), zt)
-            dh_hat = torch.addmm(dhh[r], dz_v[t][r], p["z_weight"])
-            da_hat, dch_prev, dg_h, dcn_h = hyper.backward(dh_hat, dch[r], saved_hyper[t])
+            dh_hat = torch.addmm(dhh_t, dz, p["z_weight"])
+            da_hat, dch_prev, dg_h, dcn_h = hyper.backward(dh_hat, dch_t, saved_hyper[t])
             dgs_hyper.append(dg_h)
             dcns_hyper.append(dcn_h)
-            dxp_hyper[t][r] = da_hat.view(n, 4 * K)
-            dHS = torch.mm(dxp_hyper[t][r], W_rec)  # [n, H+K]
-            torch.add(lin_hh_t(dwh.view(n, 4 * H)), dHS[:, :H], out=dh[r])
-            dhh[r] = dHS[:, H:]
-            dc[r], dch[r] = dc_prev, dch_prev
-            del dz
+            da_hat = da_hat.view(n, 4 * K)
+            dxph.copy_(da_hat)
+            dHS = torch.mm(da_hat, W_rec)  # [n, H+K]
+            dh_prev = lin_hh_t(dwh.view(n, 4 * H)).add_(dHS[:, :H])
+            if n == B:
+                dh, dc, dhh, dch = dh_prev, dc_prev, dHS[:, H:], dch_prev
+            else:  # sequences that end before t keep their gradients in the rows past n
+                dh_t.copy_(dh_prev), dc_t.copy_(dc_prev), dhh_t.copy_(dHS[:, H:]), dch_t.copy_(dch_prev)
 
         # every weight gradient that sums over time: one large matmul each
         DXP2, TB = DXP.view(T * B, 4 * H + 4 * K), T * B
@@ -276,28 +286,20 @@ class _HyperLSTMSequence(torch.autograd.Function):
         grads = {
             "weight_ih": dW_x[:4 * H],
             "weight_hh": DWH.view(TB, 4 * H).t() @ HS[:T, :, :H].reshape(TB, H),
-            "bias": dd_weight[8:, :, E].reshape(4 * H),
+            "bias": torch.cat(das).sum(0).reshape(4 * H),
             "hyper_weight_ih": torch.cat([dW_x[4 * H:], dW_rec[:, :H]], 1),
             "hyper_weight_hh": dW_rec[:, H:].contiguous(),
             "hyper_bias": DXP2[:, 4 * H:].sum(0),
             "z_weight": DZ.view(TB, 12 * E).t() @ HS[1:, :, H:].reshape(TB, K),
             "z_bias": DZ.view(TB, 12 * E)[:, :8 * E].sum(0),
-            "d_weight": dd_weight[..., :E],
+            "d_weight": dd_weight,
         }
         if cfg.layer_norm:
             names = ("ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias")
             grads.update(zip(names, main.param_grads(dgs_main, dcns_main, saved_main)))
             grads.update(zip(("hyper_" + n for n in names), hyper.param_grads(dgs_hyper, dcns_hyper, saved_hyper)))
-        return (dx, dh, dc, dhh, dch, None, None, None, None) + tuple(grads[n] for n in cfg.param_names())
-
-
-def _scaling_weight(p) -> Tensor:
-    """``[12, E+1, H]``: ``d_weight`` transposed for the per-step bmm, plus one row fed by a
-    constant-1 embedding slot that is ``bias`` on the 4 bias paths (0 on the x and h paths), so
-    one bmm yields d_x, d_h and ``beta + bias``."""
-    d_w = p["d_weight"]
-    extra = torch.cat([d_w.new_zeros(8, 1, d_w.shape[1]), p["bias"].view(4, 1, -1)])
-    return torch.cat([d_w.transpose(1, 2), extra], 1)
+        d_state = tuple(g.contiguous() for g in (dh, dc, dhh, dch))
+        return (dx,) + d_state + (None, None, None, None) + tuple(grads[n] for n in cfg.param_names())
 
 
 def _cells(cfg: CellConfig, p, like: Tensor):
