@@ -18,8 +18,13 @@ setup(
             "pytest",
             "pytest-benchmark",
             "triton>=3.7,<3.10; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            # so the examples' smoke tests and the report plot run in CI too
+            "scikit-learn",
+            "matplotlib",
         ],
         "plot": ["matplotlib"],
+        # examples/static_digits.py trains on scikit-learn's bundled 8x8 digits (offline)
+        "examples": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["hyperkern=hyperkern.__main__:main"]},
 )

@@ -45,9 +45,11 @@ def main(argv=None) -> int:
     p_bench.add_argument("--out", default="bench-results", help="folder for the JSON (and plot)")
     p_bench.add_argument("--quick", action="store_true", help="fewer steps and repeats (smoke run)")
     p_bench.add_argument("--case", action="append", help="only these cases (repeatable)")
-    p_cc = sub.add_parser("compile-check", help="compile every Triton kernel for sm_80/sm_90 (no GPU needed)")
-    p_cc.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    sub.add_parser("compile-check", add_help=False,
+                   help="compile every Triton kernel for sm_80/sm_90 (no GPU needed); --help for its options")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "compile-check":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         return _info(args)
     if args.command == "verify":
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     if args.command == "compile-check":
         from hyperkern.compile_check import main as cc_main
 
-        return cc_main(args.rest)
+        return cc_main(rest)
     return 2
 
 

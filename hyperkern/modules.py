@@ -17,7 +17,21 @@ from .ops import hyper_lstm as op
 from .ops.hyper_lstm.common import CellConfig, HyperLSTMState
 
 
-class HyperLSTMCell(nn.Module):
+class _BackendAttr:
+    """``backend``: a constructor argument and a settable attribute, validated when set."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and name not in op.BACKENDS:
+            raise ValueError(f"backend must be one of {op.BACKENDS + ('auto',)}, got {name!r}")
+        self._backend = name
+
+
+class HyperLSTMCell(_BackendAttr, nn.Module):
     """One HyperLSTM cell (SPEC §1). ``forward(x, state=None) -> (h, state)`` runs one step.
 
     ``x`` is ``[B, input_size]`` (or ``[input_size]`` unbatched); ``state`` is a
@@ -127,7 +141,7 @@ class HyperLSTMCell(nn.Module):
         return new.h, new
 
 
-class HyperLSTM(nn.Module):
+class HyperLSTM(_BackendAttr, nn.Module):
     """A stack of HyperLSTM cells shaped like ``nn.LSTM``.
 
     ``forward(input, state=None, lengths=None) -> (output, state)``:
@@ -154,7 +168,7 @@ class HyperLSTM(nn.Module):
         self.embed_size, self.num_layers = embed_size, num_layers
         self.batch_first, self.dropout, self.bidirectional = bool(batch_first), float(dropout), bool(bidirectional)
         self.num_directions = 2 if bidirectional else 1
-        self.backend = backend  # validated on use, settable: "auto", "reference", "torch"
+        self.backend = backend
         cells = []
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else hidden_size * self.num_directions
@@ -162,16 +176,6 @@ class HyperLSTM(nn.Module):
                 cells.append(HyperLSTMCell(layer_in, hidden_size, hyper_size, embed_size, layer_norm,
                                            forget_bias, ln_eps, recurrent_dropout, device=device, dtype=dtype))
         self.cells = nn.ModuleList(cells)  # layer-major, then direction (forward, reverse)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        if name != "auto" and name not in op.BACKENDS:
-            raise ValueError(f"backend must be one of {op.BACKENDS + ('auto',)}, got {name!r}")
-        self._backend = name
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "

@@ -1,0 +1,307 @@
+"""``python -m hyperkern verify``: every available backend against the float64 reference.
+
+For each backend (all available ones but ``"reference"``, or the requested ones) and each random
+configuration (odd sizes, non-initial parameters, with and without layer norm, forget_bias != 1,
+multi-layer, bidirectional, variable length, packed input, recurrent dropout in train mode), in
+float64, float32 and float16 where the backend supports them:
+
+- build a float64 reference ``HyperLSTM`` with :func:`hyperkern.testing.randomize_` parameters,
+  rounded to the dtype under test (so the comparison measures the backend's arithmetic only);
+- run both on the same input and initial state, with a random upstream gradient on the output
+  and on all four final-state tensors;
+- compare outputs, final states and every gradient (input, initial state, each parameter) by
+  max relative error: ``max |got - want| / max |want|``.
+
+A backend that refuses gradients ("does not support training" / forward-only) is checked forward
+only and its rows say ``fwd only``. One row per (backend, config, dtype); exit status 1 on any FAIL.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+# The Triton interpreter must be chosen before any kernel is first imported (see tests/conftest.py).
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except Exception:  # pragma: no cover
+    pass
+
+import torch  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+
+from .modules import HyperLSTM  # noqa: E402
+from .ops import hyper_lstm as op  # noqa: E402
+from .testing import randomize_  # noqa: E402
+
+F64, F32, F16 = torch.float64, torch.float32, torch.float16
+DTYPES = (F64, F32, F16)
+# max relative error bounds (outputs & states, gradients), the same as the test suite's
+TOL = {F64: (1e-9, 1e-9), F32: (1e-5, 1e-4), F16: (1e-2, 3e-2)}
+_DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", torch.bfloat16: "bf16"}
+_NO_TRAINING = re.compile(r"(forward[- ]only|(does not|doesn't|not|no) support\w* (for )?(training|backward|grad))",
+                          re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    X: int
+    H: int
+    Hh: int
+    E: int
+    T: int
+    B: int
+    layers: int = 1
+    bidirectional: bool = False
+    layer_norm: bool = True
+    forget_bias: float = 1.0
+    ln_eps: float = 1e-3
+    lengths: Optional[Sequence[int]] = None
+    packed: bool = False
+    recurrent_dropout: float = 0.0  # > 0: run in train mode with identically seeded masks
+    dropout: float = 0.0
+    batch_first: bool = False
+
+
+CONFIGS: List[Config] = [
+    Config("ln", 7, 33, 10, 3, 5, 3),
+    Config("no_ln fb=0.3", 7, 33, 10, 3, 5, 3, layer_norm=False, forget_bias=0.3),
+    Config("ln fb=-0.5 eps=0.02", 7, 33, 10, 3, 5, 3, forget_bias=-0.5, ln_eps=0.02),
+    Config("2 layers", 7, 33, 10, 3, 5, 3, layers=2),
+    Config("bidirectional", 7, 33, 10, 3, 5, 3, bidirectional=True),
+    Config("2L bidir lengths fb=0.6", 5, 17, 9, 5, 6, 4, layers=2, bidirectional=True, forget_bias=0.6,
+           lengths=(6, 2, 4, 1)),
+    Config("no_ln lengths", 7, 33, 10, 3, 5, 3, layer_norm=False, lengths=(3, 5, 2)),
+    Config("packed bidir", 6, 21, 7, 2, 5, 3, bidirectional=True, packed=True, lengths=(2, 5, 4)),
+    Config("rdrop train 2L", 7, 33, 10, 3, 5, 3, layers=2, recurrent_dropout=0.25, dropout=0.2),
+    Config("batch_first T1 B1", 7, 33, 10, 3, 1, 1, batch_first=True),
+    Config("wider", 13, 65, 17, 5, 9, 5),
+]
+# The Triton interpreter runs every kernel launch in Python: keep its configurations tiny.
+TINY_CONFIGS: List[Config] = [
+    Config("tiny ln", 3, 5, 3, 2, 3, 2),
+    Config("tiny no_ln fb=0.3", 3, 5, 3, 2, 3, 2, layer_norm=False, forget_bias=0.3),
+    Config("tiny 2L bidir lengths", 3, 5, 3, 2, 3, 3, layers=2, bidirectional=True, lengths=(3, 1, 2)),
+    Config("tiny packed fb=0.6", 3, 5, 3, 2, 4, 3, forget_bias=0.6, packed=True, lengths=(2, 4, 1)),
+    Config("tiny rdrop train", 3, 5, 3, 2, 3, 2, recurrent_dropout=0.3),
+]
+
+
+@dataclass
+class Row:
+    backend: str
+    config: str
+    dtype: str
+    out: float = math.nan
+    state: float = math.nan
+    grads: Optional[float] = None  # None: not checked (forward-only backend)
+    worst: str = ""  # the tensor with the largest error relative to its tolerance
+    status: str = "FAIL"
+    note: str = ""
+
+
+def _rel_err(got, want) -> float:
+    """max |got - want| / max(max |want|, tiny), in float64 (the tests' ``rel_err``)."""
+    got, want = got.detach().to("cpu", F64), want.detach().to("cpu", F64)
+    if got.shape != want.shape:
+        return math.inf
+    if got.numel() == 0:
+        return 0.0
+    scale = want.abs().max().clamp_min(1e-30)
+    return float((got - want).abs().max() / scale)
+
+
+def _supported_dtypes(backend: str) -> Optional[tuple]:
+    """The backend module's ``SUPPORTED_DTYPES`` if it declares one (else every dtype is checked)."""
+    try:
+        mod = importlib.import_module(op._MODULES[backend], op.__name__)
+        return tuple(getattr(mod, "SUPPORTED_DTYPES"))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _device_for(backend: str) -> torch.device:
+    if backend != "reference" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _build(cfg: Config, backend: str, dtype, device, seed: int):
+    """Reference (float64) and backend models with identical parameters, plus the inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = HyperLSTM(cfg.X, cfg.H, cfg.Hh, cfg.E, num_layers=cfg.layers, bidirectional=cfg.bidirectional,
+                    layer_norm=cfg.layer_norm, forget_bias=cfg.forget_bias, ln_eps=cfg.ln_eps,
+                    recurrent_dropout=cfg.recurrent_dropout, dropout=cfg.dropout, batch_first=cfg.batch_first,
+                    backend="reference", dtype=F64)
+    randomize_(ref, gen)
+    with torch.no_grad():  # round to the dtype under test: the comparison measures arithmetic only
+        for p in ref.parameters():
+            p.copy_(p.to(dtype).to(F64))
+    model = copy.deepcopy(ref).to(device=device, dtype=dtype)
+    model.backend = backend
+    ref = ref.to(device)
+    train = cfg.recurrent_dropout > 0 or cfg.dropout > 0
+    ref.train(train)
+    model.train(train)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=F64)).to(dtype).to(F64)
+
+    L, D = cfg.layers * (2 if cfg.bidirectional else 1), 2 if cfg.bidirectional else 1
+    x = rnd(*((cfg.B, cfg.T, cfg.X) if cfg.batch_first else (cfg.T, cfg.B, cfg.X)))
+    state = tuple(rnd(L, cfg.B, n, scale=0.5) for n in (cfg.H, cfg.H, cfg.Hh, cfg.Hh))
+    rows = sum(cfg.lengths) if cfg.packed else None
+    out_shape = (rows, D * cfg.H) if cfg.packed else (*x.shape[:2], D * cfg.H)
+    g_out = rnd(*out_shape)
+    g_state = tuple(rnd(*s.shape) for s in state)
+    return ref, model, x, state, g_out, g_state
+
+
+def _run(model, cfg: Config, x, state, g_out, g_state, dtype, device, seed, with_grad: bool):
+    """Forward (and backward if ``with_grad``). Returns (out, state, {name: grad} or None)."""
+    x = x.detach().to(device=device, dtype=dtype).clone().requires_grad_(with_grad)
+    state = tuple(s.detach().to(device=device, dtype=dtype).clone().requires_grad_(with_grad) for s in state)
+    lengths = list(cfg.lengths) if cfg.lengths is not None else None
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if cfg.packed else x
+    torch.manual_seed(seed)  # recurrent-dropout masks: the same draws for every backend
+    with torch.set_grad_enabled(with_grad):
+        if cfg.packed:
+            out, st = model(inp, state)
+            out = out.data
+        else:
+            out, st = model(inp, state, lengths)
+    if not with_grad:
+        return out.detach(), tuple(s.detach() for s in st), None
+    named = {"input": x, **dict(zip(("h0", "c0", "h_hat0", "c_hat0"), state)), **dict(model.named_parameters())}
+    loss = (out * g_out.to(out)).sum() + sum((s * g.to(s)).sum() for s, g in zip(st, g_state))
+    grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+    return out.detach(), tuple(s.detach() for s in st), dict(zip(named, grads))
+
+
+def _is_no_training_error(e: BaseException) -> bool:
+    return isinstance(e, (NotImplementedError, RuntimeError)) and bool(_NO_TRAINING.search(str(e)))
+
+
+def check(backend: str, cfg: Config, dtype, seed: int = 0) -> Row:
+    """One row: ``backend`` vs the float64 reference on ``cfg`` in ``dtype``."""
+    row = Row(backend, cfg.name, _DT_NAME.get(dtype, str(dtype)))
+    device = _device_for(backend)
+    tol_out, tol_grad = TOL[dtype]
+    try:
+        ref, model, x, state, g_out, g_state = _build(cfg, backend, dtype, device, seed)
+        want = _run(ref, cfg, x, state, g_out, g_state, F64, device, seed, True)
+        fwd_only = False
+        try:
+            got = _run(model, cfg, x, state, g_out, g_state, dtype, device, seed, True)
+        except Exception as e:  # noqa: BLE001
+            if not _is_no_training_error(e):
+                raise
+            fwd_only = True
+            row.note = "backend does not support training"
+            got = _run(model, cfg, x, state, g_out, g_state, dtype, device, seed, False)
+    except Exception as e:  # noqa: BLE001
+        row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        return row
+
+    errs: Dict[str, tuple] = {"output": (_rel_err(got[0], want[0]), tol_out)}
+    for fld, a, b in zip(("h", "c", "h_hat", "c_hat"), got[1], want[1]):
+        errs[f"state.{fld}"] = (_rel_err(a, b), tol_out)
+    row.out = errs["output"][0]
+    row.state = max(errs[f"state.{f}"][0] for f in ("h", "c", "h_hat", "c_hat"))
+    if not fwd_only:
+        for name, w in want[2].items():
+            g = got[2].get(name)
+            errs[f"grad {name}"] = ((math.inf if g is None else _rel_err(g, w)), tol_grad)
+        row.grads = max(e for k, (e, _) in errs.items() if k.startswith("grad "))
+
+    def ratio(item):
+        e, t = item[1]
+        return math.inf if math.isnan(e) else e / t
+
+    worst_name, (worst_err, worst_tol) = max(errs.items(), key=ratio)
+    row.worst = worst_name
+    ok = all(e <= t for e, t in errs.values())  # NaN compares False: a FAIL
+    row.status = ("PASS" if ok else "FAIL") + (" (fwd only)" if fwd_only else "")
+    return row
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1e}" if not math.isnan(v) else "nan"
+
+
+def print_table(rows: List[Row], file=None) -> None:
+    file = file or sys.stdout
+    head = ("backend", "config", "dtype", "out", "state", "grads", "worst tensor", "result")
+    data = [(r.backend, r.config, r.dtype, _fmt(r.out), _fmt(r.state), _fmt(r.grads),
+             r.worst, r.status + (f"  {r.note}" if r.note and not r.status.startswith("PASS (fwd") else ""))
+            for r in rows]
+    widths = [max(len(h), *(len(d[i]) for d in data)) if data else len(h) for i, h in enumerate(head)]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()
+    print(line, file=file)
+    print("-" * len(line), file=file)
+    for d in data:
+        print("  ".join(c.ljust(w) for c, w in zip(d, widths)).rstrip(), file=file)
+
+
+def main(backends=None, seed: int = 0, *, dtypes=None, configs=None) -> int:
+    """Verify ``backends`` (default: every available one but the reference). Returns the exit code:
+    0 all PASS, 1 any FAIL, 2 nothing to verify (unknown or unavailable backend requested)."""
+    t0 = time.perf_counter()
+    status = op.available_backends()
+    if backends:
+        names = list(dict.fromkeys(backends))
+        unknown = [n for n in names if n not in status]
+        if unknown:
+            print(f"unknown backend(s) {unknown}; known: {list(status)}", file=sys.stderr)
+            return 2
+    else:
+        names = [n for n in status if n != "reference"]
+    run_names = []
+    for n in names:
+        ok, why = status[n]
+        if not ok:
+            print(f"skipping backend {n!r}: not available here ({why})")
+        else:
+            run_names.append(n)
+    if not run_names:
+        print("no backend to verify", file=sys.stderr)
+        return 2
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes; avoids an oversubscribed OpenMP pool on shared machines
+    rows: List[Row] = []
+    try:
+        for b in run_names:
+            supported = _supported_dtypes(b)
+            cfgs = configs if configs is not None else (TINY_CONFIGS if b == "triton" else CONFIGS)
+            for dt in (dtypes or DTYPES):
+                if supported is not None and dt not in supported:
+                    print(f"backend {b!r} does not support {_DT_NAME[dt]}: skipped")
+                    continue
+                for i, cfg in enumerate(cfgs):
+                    rows.append(check(b, cfg, dt, seed=seed * 1000 + i))
+    finally:
+        torch.set_num_threads(n_threads)
+    print(f"hyperkern verify: max relative error vs the float64 reference (seed {seed}); tolerances "
+          + ", ".join(f"{_DT_NAME[d]} {o:.0e}/{g:.0e} (out,state/grads)" for d, (o, g) in TOL.items()))
+    print_table(rows)
+    fails = [r for r in rows if r.status.startswith("FAIL")]
+    print(f"{len(rows) - len(fails)}/{len(rows)} passed in {time.perf_counter() - t0:.1f} s"
+          + (f"; {len(fails)} FAILED" if fails else ""))
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
