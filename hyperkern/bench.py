@@ -170,6 +170,12 @@ def main(out: str = "bench-results", quick: bool = False, cases=None) -> int:
         model_rows = perf_model.rows()
         print(perf_model.format_table(model_rows))
         result["gpu_model"] = model_rows
+    from hyperkern.ops.static_gen import bench_rows, format_bench_rows
+
+    print("\nStatic hypernetwork: every 3x3 kernel of WRN-40-1 (242 tiles), one generation, fp32")
+    static_rows = bench_rows(repeats=3 if quick else 7) + bench_rows(repeats=3 if quick else 7, backward=True)
+    print(format_bench_rows(static_rows))
+    result["static"] = static_rows
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "bench.json")
     with open(path, "w") as f:

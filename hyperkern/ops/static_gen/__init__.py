@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -184,32 +183,21 @@ def bench_rows(layer_shapes: Optional[Sequence[Tuple[int, int]]] = None, z_dim: 
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: (torch.randn(*s, generator=g) * 0.1).to(device, dtype).requires_grad_(backward)  # noqa: E731
     args = (mk(E, z_dim), mk(16, hidden, z_dim), mk(16, hidden), mk(16 * 9, hidden), mk(16 * 9))
-    rows = []
-    for name in backends:
-        if name == "triton" and device.type != "cuda":
-            continue
-        ok, why = backend_status(name)
-        if not ok:
-            continue
+    from hyperkern.bench import time_interleaved
 
+    def make_run(name):
         def run():
             ws = static_kernel_gen_layers(*args, kernel_size=3, layer_shapes=layer_shapes, backend=name)
             if backward:
                 torch.autograd.backward(ws, [torch.ones_like(w) for w in ws])
+        return run
 
-        run()  # warm-up (compiles the kernels)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        rows.append({"backend": name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                     "tiles": E, "pass": "fwd+bwd" if backward else "fwd", "ms": 1e3 * times[len(times) // 2]})
+    # the Triton backend is timed only on CUDA (under the interpreter its time means nothing)
+    usable = [n for n in backends if backend_status(n)[0] and (n != "triton" or device.type == "cuda")]
+    times = time_interleaved({n: make_run(n) for n in usable}, repeats, device)
+    rows = [{"backend": name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+             "tiles": E, "pass": "fwd+bwd" if backward else "fwd", "ms": 1e3 * sec}
+            for name, sec in times.items()]
     precision = {torch.float32: "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32",
                  torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[dtype]
     model = performance_model(layer_shapes, z_dim, hidden, precision=precision)
