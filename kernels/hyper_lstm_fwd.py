@@ -1,0 +1,468 @@
+"""Fused Triton forward kernels of one HyperLSTM cell (SPEC §1), two launches per timestep.
+
+The launcher (``hyperkern/ops/hyper_lstm/fused_triton.py``) hoists the x-projections of all T
+steps into one library GEMM, ``XP = x @ [weight_ih ; hyper_weight_ih[:, :X]]^T`` (fp32,
+``[T, B, 4H + 4Hh]``), then runs per step t:
+
+1. :func:`hyper_lstm_gates_kernel` — grid ``(cdiv(H, BH) + cdiv(Hh, BH), cdiv(B, BM))``. Every
+   product that needs ``h_{t-1}`` as one tiled ``tl.dot`` GEMM whose output columns are
+   gate-interleaved (a tile covers the same BH columns of all four gates):
+
+   - main tiles:  ``P = h_{t-1} @ weight_hh^T`` (raw, unscaled, fp32 ``[B, 4H]``);
+   - hyper tiles: ``Â = XP_hyper[t] + h_{t-1} @ hyper_weight_ih[:, X:]^T + ĥ_{t-1} @ hyper_weight_hh^T
+     + hyper_bias`` (the hyper cell's pre-norm gates, fp32 ``[B, 4Hh]``).
+
+2. :func:`hyper_lstm_cell_kernel` — grid ``cdiv(B, BMC)``; a program owns whole rows and walks them
+   in chunks of BN columns:
+
+   - the hyper cell: per-gate LN statistics of Â, the update (ĉ_t), LN(ĉ_t), ĥ_t;
+   - the 12 embeddings ``z = ĥ_t @ z_weight^T + [z_bias; 0]`` (a tiny scratch ``[B, 12E]``);
+   - the main pre-gates ``a = d_x ⊙ XP[t] + d_h ⊙ P + bias + beta``: the scaling vectors
+     ``d_k[b, j] = Σ_e z[b, kE+e] · d_weight[k, j, e]`` are generated chunk by chunk in registers
+     and never stored; no dynamic weight matrix is ever formed;
+   - per-gate LN over H (single pass, Chan's parallel mean/variance merge), the LSTM update,
+     LN(c_t), h_t, and the step's output (zero past a sequence's end).
+
+Gate maths is written once on ``[rows, 4, columns]`` tiles (gate axis in the middle) and shared by
+the hyper and the main cell. The chunk loops of the cell kernel are software-pipelined
+``PIPE`` deep (``tl.range(num_stages=PIPE)``): no loop reads a buffer it writes. Everything elementwise runs in fp32; dots accumulate in fp32 (fp32
+operands use tf32 on a GPU, chosen by the ``DOT_PRECISION`` constexpr). Inside a program, a pass
+that re-reads what an earlier pass of the same program stored is separated by
+``tl.debug_barrier()``; no program ever waits on another program.
+
+:func:`compile_configs` lists every (kernel, block configuration, dtype, flag) the dispatcher can
+choose, from the one table in ``fused_triton`` (``python -m hyperkern compile-check``).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # pragma: no cover  (older Triton without knobs)
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+INTERPRETING = _interpreting()
+# libdevice tanh on a GPU; the interpreter cannot run libdevice, so 2*sigmoid(2x)-1 there (~1e-7 in fp32).
+USE_LIBDEVICE_TANH = tl.constexpr(not INTERPRETING)
+
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tanh(x):
+    if USE_LIBDEVICE_TANH:
+        return libdevice.tanh(x)
+    else:
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _pick(x, gate, y: tl.constexpr):
+    """Gate y of a ``[R, 4, C]`` tile as ``[R, 1, C]``."""
+    return tl.sum(tl.where(gate == y, x, 0.0), axis=1, keep_dims=True)
+
+
+@triton.jit
+def _chunk_moments(a, valid, n_c):
+    """Mean and sum of squared deviations over the last axis of one chunk (n_c valid columns)."""
+    mean_c = tl.sum(tl.where(valid, a, 0.0), axis=2, keep_dims=True) / n_c
+    dev = tl.where(valid, a - mean_c, 0.0)
+    return mean_c, tl.sum(dev * dev, axis=2, keep_dims=True)
+
+
+@triton.jit
+def _chan_merge(n, mean, m2, n_c, mean_c, m2_c):
+    """Merge running (n, mean, M2) with a chunk's (n_c, mean_c, M2_c) (Chan et al.)."""
+    tot = n + n_c
+    delta = mean_c - mean
+    mean = mean + delta * (n_c / tot)
+    m2 = m2 + m2_c + delta * delta * (n * n_c / tot)
+    return mean, m2
+
+
+@triton.jit
+def _tile_matmul(acc, a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, wrow, col_ok, K,
+                 BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[BM, N] += a[rows, :K] @ w[wrow, :K]^T, K in chunks of BK (a is fp32 state)."""
+    kk = tl.arange(0, BK)
+    a_ptrs = a_ptr + rows[:, None] * stride_a + kk[None, :]
+    w_ptrs = w_ptr + wrow[None, :] * stride_w + kk[:, None]
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + kk) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BK
+        w_ptrs += BK
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# launch 1 of a step: every product of h_{t-1} (and ĥ_{t-1})
+# --------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["t"])  # one compiled kernel for every step (t == 1 would become a constexpr)
+def hyper_lstm_gates_kernel(
+    h_ptr, stride_h, hh_ptr, stride_hh,              # h_{t-1} [B, H], ĥ_{t-1} [B, Hh]   (fp32 state)
+    w_hh_ptr, stride_whh,                            # weight_hh [4H, H]
+    w_hih_ptr, stride_whih,                          # hyper_weight_ih[:, X:] [4Hh, H] (a view)
+    w_hhh_ptr, stride_whhh,                          # hyper_weight_hh [4Hh, Hh]
+    hbias_ptr,                                       # hyper_bias [4Hh]
+    xph_ptr, stride_xpt, stride_xpb,                 # hyper x-projection [T, B, 4Hh] (fp32 view)
+    p_ptr, stride_p,                                 # out: P [B, 4H] fp32
+    ahat_ptr, stride_ahat,                           # out: Â [B, 4Hh] fp32
+    t, B, H, Hh, n_main,                             # n_main = cdiv(H, BH) main column tiles
+    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < B
+    n = tl.arange(0, 4 * BH)
+    gate = n // BH  # columns are gate-interleaved: [i-block | f-block | g-block | o-block]
+    jj = n % BH
+    acc = tl.zeros([BM, 4 * BH], dtype=tl.float32)
+    if pid_n < n_main:
+        j = pid_n * BH + jj
+        col_ok = j < H
+        wrow = gate * H + j
+        acc = _tile_matmul(acc, h_ptr, stride_h, rows, row_ok, w_hh_ptr, stride_whh, wrow, col_ok, H,
+                           BK, DOT_PRECISION)
+        tl.store(p_ptr + rows[:, None] * stride_p + wrow[None, :], acc,
+                 mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        j = (pid_n - n_main) * BH + jj
+        col_ok = j < Hh
+        wrow = gate * Hh + j
+        acc = _tile_matmul(acc, h_ptr, stride_h, rows, row_ok, w_hih_ptr, stride_whih, wrow, col_ok, H,
+                           BK, DOT_PRECISION)
+        acc = _tile_matmul(acc, hh_ptr, stride_hh, rows, row_ok, w_hhh_ptr, stride_whhh, wrow, col_ok, Hh,
+                           BK, DOT_PRECISION)
+        m = row_ok[:, None] & col_ok[None, :]
+        t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
+        xph = tl.load(xph_ptr + t64 * stride_xpt + rows[:, None] * stride_xpb + wrow[None, :],
+                      mask=m, other=0.0)
+        hb = tl.load(hbias_ptr + wrow, mask=col_ok, other=0.0).to(tl.float32)
+        acc = acc + xph + hb[None, :]
+        tl.store(ahat_ptr + rows[:, None] * stride_ahat + wrow[None, :], acc, mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# launch 2 of a step: the row-owning cell kernel
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gate_stats(buf_ptr, stride_buf, rows3, row_ok3, gate3, N, BMC: tl.constexpr, BN: tl.constexpr,
+                PIPE: tl.constexpr):
+    """Per-gate (mean, M2) of the pre-gates ``buf[rows, 4N]`` in one pass: each [BMC, 4, 1]."""
+    cols = tl.arange(0, BN)[None, None, :]
+    mean = tl.zeros([BMC, 4, 1], dtype=tl.float32)
+    m2 = tl.zeros([BMC, 4, 1], dtype=tl.float32)
+    for j0 in tl.range(0, N, BN, num_stages=PIPE):
+        j = j0 + cols
+        col_ok = j < N
+        a = tl.load(buf_ptr + rows3 * stride_buf + gate3 * N + j, mask=row_ok3 & col_ok, other=0.0)
+        n_c = tl.minimum(N - j0, BN) * 1.0
+        mean_c, m2_c = _chunk_moments(a, col_ok, n_c)
+        mean, m2 = _chan_merge(j0 * 1.0, mean, m2, n_c, mean_c, m2_c)
+    return mean, m2
+
+
+@triton.jit
+def _update_pass(buf_ptr, stride_buf, g_mean, g_rstd, lnw_ptr, lnb_ptr, N,
+                 c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
+                 m_ptr, stride_m, has_mask,
+                 out_ptr, stride_out,
+                 rows3, row_ok3, alive3, gate3, forget_bias,
+                 LAYER_NORM: tl.constexpr, WRITE_OUT: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr,
+                 PIPE: tl.constexpr):
+    """c_t = σ(f + fb) c_{t-1} + σ(i) rdrop(tanh(g)) from the pre-gates in ``buf``; stores c_t.
+
+    With LAYER_NORM, the gates are normalised first and the statistics of c_t are returned for
+    :func:`_output_pass`; without it, h_t = σ(o) tanh(c_t) is stored here (and the output)."""
+    cols = tl.arange(0, BN)[None, None, :]
+    c_mean = tl.zeros([BMC, 1, 1], dtype=tl.float32)
+    c_m2 = tl.zeros([BMC, 1, 1], dtype=tl.float32)
+    for j0 in tl.range(0, N, BN, num_stages=PIPE):
+        j = j0 + cols
+        col_ok = j < N
+        ok = row_ok3 & col_ok
+        a = tl.load(buf_ptr + rows3 * stride_buf + gate3 * N + j, mask=ok, other=0.0)
+        if LAYER_NORM:
+            w = tl.load(lnw_ptr + gate3 * N + j, mask=col_ok, other=0.0).to(tl.float32)
+            b = tl.load(lnb_ptr + gate3 * N + j, mask=col_ok, other=0.0).to(tl.float32)
+            a = (a - g_mean) * g_rstd * w + b
+        s = tl.sigmoid(a + tl.where(gate3 == 1, forget_bias, 0.0))
+        g = _tanh(_pick(a, gate3, 2))
+        use_mask = (j * 0 + has_mask) != 0  # a block, not a scalar (the interpreter mishandles scalar & block)
+        rd = tl.load(m_ptr + rows3 * stride_m + j, mask=ok & use_mask, other=1.0).to(tl.float32)
+        s_off = rows3 * stride_s + j
+        c_prev = tl.load(c_prev_ptr + s_off, mask=ok, other=0.0)
+        c = _pick(s, gate3, 1) * c_prev + _pick(s, gate3, 0) * (g * rd)
+        tl.store(c_new_ptr + s_off, tl.where(alive3, c, c_prev), mask=ok)
+        if LAYER_NORM:
+            n_c = tl.minimum(N - j0, BN) * 1.0
+            mean_c, m2_c = _chunk_moments(c, col_ok, n_c)
+            c_mean, c_m2 = _chan_merge(j0 * 1.0, c_mean, c_m2, n_c, mean_c, m2_c)
+        else:
+            h = _pick(s, gate3, 3) * _tanh(c)
+            h_prev = tl.load(h_prev_ptr + s_off, mask=ok, other=0.0)
+            tl.store(h_new_ptr + s_off, tl.where(alive3, h, h_prev), mask=ok)
+            if WRITE_OUT:
+                tl.store(out_ptr + rows3 * stride_out + j,
+                         tl.where(alive3, h, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+    return c_mean, c_m2
+
+
+@triton.jit
+def _output_pass(buf_ptr, stride_buf, g_mean, g_rstd, lnw_ptr, lnb_ptr, N,
+                 c_new_ptr, h_prev_ptr, h_new_ptr, stride_s, c_mean, c_rstd, lncw_ptr, lncb_ptr,
+                 out_ptr, stride_out, rows3, row_ok3, alive3, gate3,
+                 WRITE_OUT: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, PIPE: tl.constexpr):
+    """Layer-norm output path: h_t = σ(LN_o(a_o)) · tanh(LN(c_t)); stores h_t (and the output)."""
+    cols = tl.arange(0, BN)[None, None, :]
+    o_mean = _pick(g_mean, gate3, 3)
+    o_rstd = _pick(g_rstd, gate3, 3)
+    for j0 in tl.range(0, N, BN, num_stages=PIPE):
+        j = j0 + cols
+        col_ok = j < N
+        ok = row_ok3 & col_ok
+        a_o = tl.load(buf_ptr + rows3 * stride_buf + 3 * N + j, mask=ok, other=0.0)
+        w = tl.load(lnw_ptr + 3 * N + j, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(lnb_ptr + 3 * N + j, mask=col_ok, other=0.0).to(tl.float32)
+        a_o = (a_o - o_mean) * o_rstd * w + b
+        s_off = rows3 * stride_s + j
+        c = tl.load(c_new_ptr + s_off, mask=ok, other=0.0)
+        cw = tl.load(lncw_ptr + j, mask=col_ok, other=0.0).to(tl.float32)
+        cb = tl.load(lncb_ptr + j, mask=col_ok, other=0.0).to(tl.float32)
+        h = tl.sigmoid(a_o) * _tanh((c - c_mean) * c_rstd * cw + cb)
+        h_prev = tl.load(h_prev_ptr + s_off, mask=ok, other=0.0)
+        tl.store(h_new_ptr + s_off, tl.where(alive3, h, h_prev), mask=ok)
+        if WRITE_OUT:
+            tl.store(out_ptr + rows3 * stride_out + j,
+                     tl.where(alive3, h, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _embeddings(hh_ptr, stride_hh, zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z, rows, row_ok, Hh, E,
+                BMC: tl.constexpr, BZ: tl.constexpr, BKZ: tl.constexpr):
+    """z = ĥ_t @ z_weight^T + [z_bias ; 0] for the program's rows -> scratch z[rows, 12E] (fp32)."""
+    rows3 = rows[:, None, None]
+    row_ok3 = row_ok[:, None, None]
+    q_ar = tl.arange(0, BZ)[None, :, None]
+    k_ar = tl.arange(0, BKZ)[None, None, :]
+    q2_ar = tl.arange(0, BZ)[None, :]
+    NZ = 12 * E
+    for q0 in range(0, NZ, BZ):
+        q = q0 + q_ar
+        q_ok = q < NZ
+        acc = tl.zeros([BMC, BZ], dtype=tl.float32)
+        for k0 in range(0, Hh, BKZ):
+            k = k0 + k_ar
+            k_ok = k < Hh
+            hv = tl.load(hh_ptr + rows3 * stride_hh + k, mask=row_ok3 & k_ok, other=0.0)
+            wv = tl.load(zw_ptr + q * stride_zw + k, mask=q_ok & k_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(hv * wv, axis=2)
+        q2 = q0 + q2_ar
+        zb = tl.load(zb_ptr + q2, mask=q2 < 8 * E, other=0.0).to(tl.float32)
+        tl.store(z_ptr + rows[:, None] * stride_z + q2, acc + zb, mask=row_ok[:, None] & (q2 < NZ))
+
+
+@triton.jit
+def _main_pregates(p_ptr, stride_p, xp_ptr, stride_xpb, bias_ptr, dw_ptr, z_ptr, stride_z,
+                   g_ptr, stride_g, rows3, row_ok3, gate3, H, E,
+                   LAYER_NORM: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, PIPE: tl.constexpr):
+    """a_y = d_x^y ⊙ XP_y + d_h^y ⊙ P_y + bias_y + beta^y -> scratch g; returns per-gate (mean, M2).
+
+    The scaling vectors are generated here, chunk by chunk, from z and d_weight (E FMAs per value,
+    12 paths): d_k[b, j] = Σ_e z[b, kE + e] · d_weight[k, j, e]. They never leave registers."""
+    cols = tl.arange(0, BN)[None, None, :]
+    mean = tl.zeros([BMC, 4, 1], dtype=tl.float32)
+    m2 = tl.zeros([BMC, 4, 1], dtype=tl.float32)
+    HE = H * E
+    z_rows = z_ptr + rows3 * stride_z + gate3 * E  # [BMC, 4, 1]: path (x, gate) of each row
+    for j0 in tl.range(0, H, BN, num_stages=PIPE):
+        j = j0 + cols
+        col_ok = j < H
+        ok = row_ok3 & col_ok
+        off = gate3 * H + j
+        p = tl.load(p_ptr + rows3 * stride_p + off, mask=ok, other=0.0)
+        xp = tl.load(xp_ptr + rows3 * stride_xpb + off, mask=ok, other=0.0)
+        bias = tl.load(bias_ptr + off, mask=col_ok, other=0.0).to(tl.float32)
+        d_x = tl.zeros([BMC, 4, BN], dtype=tl.float32)
+        d_h = tl.zeros([BMC, 4, BN], dtype=tl.float32)
+        beta = tl.zeros([BMC, 4, BN], dtype=tl.float32)
+        w_cols = dw_ptr + gate3 * HE + j * E  # [1, 4, BN]: d_weight[gate, j, :]
+        for e in range(E):
+            z_x = tl.load(z_rows + e, mask=row_ok3, other=0.0)
+            z_h = tl.load(z_rows + 4 * E + e, mask=row_ok3, other=0.0)
+            z_b = tl.load(z_rows + 8 * E + e, mask=row_ok3, other=0.0)
+            w_x = tl.load(w_cols + e, mask=col_ok, other=0.0).to(tl.float32)
+            w_h = tl.load(w_cols + 4 * HE + e, mask=col_ok, other=0.0).to(tl.float32)
+            w_b = tl.load(w_cols + 8 * HE + e, mask=col_ok, other=0.0).to(tl.float32)
+            d_x += z_x * w_x
+            d_h += z_h * w_h
+            beta += z_b * w_b
+        a = d_x * xp + d_h * p + bias + beta
+        tl.store(g_ptr + rows3 * stride_g + off, a, mask=ok)
+        if LAYER_NORM:
+            n_c = tl.minimum(H - j0, BN) * 1.0
+            mean_c, m2_c = _chunk_moments(a, col_ok, n_c)
+            mean, m2 = _chan_merge(j0 * 1.0, mean, m2, n_c, mean_c, m2_c)
+    return mean, m2
+
+
+@triton.jit(do_not_specialize=["t"])
+def hyper_lstm_cell_kernel(
+    t, B, H, Hh, E, lengths_ptr,                     # lengths: int32 [B] on the device
+    # hyper cell
+    ahat_ptr, stride_ahat,                           # Â [B, 4Hh] fp32 (from the gates kernel)
+    chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,   # [B, Hh] fp32
+    hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,
+    mh_ptr, stride_mht, stride_mhb,                  # hyper dropout masks [T, B, Hh]
+    # embeddings
+    zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z,      # z_weight [12E, Hh], z_bias [8E], z scratch [B, 12E]
+    # main cell
+    p_ptr, stride_p,                                 # P [B, 4H] fp32 (from the gates kernel)
+    xp_ptr, stride_xpt, stride_xpb,                  # main x-projection [T, B, 4H] fp32 (view)
+    bias_ptr, dw_ptr,                                # bias [4H], d_weight [12, H, E] (contiguous)
+    g_ptr, stride_g,                                 # pre-norm gates scratch [B, 4H] fp32
+    c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,   # [B, H] fp32
+    ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,
+    m_ptr, stride_mt, stride_mb,                     # main dropout masks [T, B, H]
+    out_ptr, stride_ot, stride_ob,                   # output [T, B, H]
+    has_masks, forget_bias, eps,
+    LAYER_NORM: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BZ: tl.constexpr, BKZ: tl.constexpr,
+    PIPE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BMC + tl.arange(0, BMC)
+    row_ok = rows < B
+    rows3 = rows[:, None, None]
+    row_ok3 = row_ok[:, None, None]
+    lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    alive3 = (t < lens)[:, None, None]
+    gate3 = tl.arange(0, 4)[None, :, None]
+    t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
+    zeros_g = tl.zeros([BMC, 4, 1], dtype=tl.float32)
+
+    # 1. hyper cell (state ĥ, ĉ) from its pre-gates Â
+    hg_mean = zeros_g
+    hg_rstd = zeros_g
+    if LAYER_NORM:
+        hg_mean, hg_m2 = _gate_stats(ahat_ptr, stride_ahat, rows3, row_ok3, gate3, Hh, BMC, BN, PIPE)
+        hg_rstd = tl.rsqrt(hg_m2 / Hh + eps)
+    hc_mean, hc_m2 = _update_pass(
+        ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
+        chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
+        mh_ptr + t64 * stride_mht, stride_mhb, has_masks, out_ptr, stride_ob,
+        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, False, BMC, BN, PIPE)
+    if LAYER_NORM:
+        tl.debug_barrier()
+        _output_pass(ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
+                     chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
+                     hc_mean, tl.rsqrt(hc_m2 / Hh + eps), hlnc_w_ptr, hlnc_b_ptr,
+                     out_ptr, stride_ob, rows3, row_ok3, alive3, gate3, False, BMC, BN, PIPE)
+    tl.debug_barrier()
+
+    # 2. the 12 embeddings of this step, from the new ĥ_t
+    _embeddings(hhat_new_ptr, stride_hs, zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z, rows, row_ok, Hh, E,
+                BMC, BZ, BKZ)
+    tl.debug_barrier()
+
+    # 3. main cell: pre-gates with in-register scaling vectors, per-gate LN, update, LN(c), h
+    g_mean, g_m2 = _main_pregates(p_ptr, stride_p, xp_ptr + t64 * stride_xpt, stride_xpb, bias_ptr, dw_ptr,
+                                  z_ptr, stride_z, g_ptr, stride_g, rows3, row_ok3, gate3, H, E,
+                                  LAYER_NORM, BMC, BN, PIPE)
+    g_rstd = tl.rsqrt(g_m2 / H + eps)
+    tl.debug_barrier()
+    out_t = out_ptr + t64 * stride_ot
+    c_mean, c_m2 = _update_pass(
+        g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
+        c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
+        m_ptr + t64 * stride_mt, stride_mb, has_masks, out_t, stride_ob,
+        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, True, BMC, BN, PIPE)
+    if LAYER_NORM:
+        tl.debug_barrier()
+        _output_pass(g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
+                     c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
+                     c_mean, tl.rsqrt(c_m2 / H + eps), lnc_w_ptr, lnc_b_ptr,
+                     out_t, stride_ob, rows3, row_ok3, alive3, gate3, True, BMC, BN, PIPE)
+
+
+# --------------------------------------------------------------------------------------------
+# compile check: every configuration the dispatcher (fused_triton.choose_configs) can pick
+# --------------------------------------------------------------------------------------------
+
+_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+# arguments that are always fp32 / int32 buffers, whatever the parameters' dtype
+_F32_BUFFERS = {"h_ptr", "hh_ptr", "xph_ptr", "p_ptr", "ahat_ptr", "chat_prev_ptr", "chat_new_ptr",
+                "hhat_prev_ptr", "hhat_new_ptr", "z_ptr", "xp_ptr", "g_ptr", "c_prev_ptr", "c_new_ptr",
+                "h_prev_ptr", "h_new_ptr"}
+_F32_SCALARS = {"forget_bias", "eps"}
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "lengths_ptr":
+            sig[name] = "*i32"
+        elif name in _F32_BUFFERS:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = _PTR[dtype]  # parameters, dropout masks and the output: the input's dtype
+        elif name in _F32_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_configs():
+    """Both kernels at every block configuration of ``fused_triton``'s tables (which depend on the
+    batch size only, so this covers every H), in fp32, fp16 and bf16; the cell kernel with and
+    without layer norm (its only other constexpr)."""
+    from hyperkern.compile_check import CompileConfig
+    from hyperkern.ops.hyper_lstm.fused_triton import DOT_PRECISION, all_kernel_configs
+
+    gates, cells = all_kernel_configs()
+    configs = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for g in gates:
+            cx = {"BM": g.BM, "BH": g.BH, "BK": g.BK, "DOT_PRECISION": DOT_PRECISION}
+            configs.append(CompileConfig(
+                name=f"{dtype} BM{g.BM} BH{g.BH} BK{g.BK}", fn=hyper_lstm_gates_kernel,
+                signature=_signature(hyper_lstm_gates_kernel, dtype, cx), constexprs=cx,
+                num_warps=g.num_warps, num_stages=g.num_stages))
+        for c in cells:
+            for layer_norm in (True, False):
+                cx = {"LAYER_NORM": layer_norm, "BMC": c.BMC, "BN": c.BN, "BZ": c.BZ, "BKZ": c.BKZ,
+                      "PIPE": c.num_stages}
+                configs.append(CompileConfig(
+                    name=f"{dtype} BMC{c.BMC} BN{c.BN} {'LN' if layer_norm else 'noLN'}", fn=hyper_lstm_cell_kernel,
+                    signature=_signature(hyper_lstm_cell_kernel, dtype, cx), constexprs=cx,
+                    num_warps=c.num_warps, num_stages=c.num_stages))
+    # Triton's JIT turns integer arguments equal to 1 into constexprs (B = 1, E = 1, a mask flag,
+    # a unit stride, ...): compile that specialisation too, once per kernel.
+    for fn, cfg0 in ((hyper_lstm_gates_kernel, configs[0]), (hyper_lstm_cell_kernel, configs[len(gates)])):
+        ones = [n for n in fn.arg_names if n in ("t", "B", "H", "Hh", "E", "n_main", "has_masks")
+                or n.startswith("stride_x") or n.startswith("stride_m")]
+        sig = {n: ("constexpr" if n in ones else ty) for n, ty in cfg0.signature.items()}
+        configs.append(CompileConfig(
+            name=cfg0.name + " ints=1", fn=fn, signature=sig, constexprs={**cfg0.constexprs, **{n: 1 for n in ones}},
+            num_warps=cfg0.num_warps, num_stages=cfg0.num_stages))
+    return configs

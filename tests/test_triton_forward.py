@@ -1,0 +1,356 @@
+"""Triton forward kernels (issue 3) against the float64 reference.
+
+Without a GPU these run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest) on CPU
+tensors; with CUDA they run the compiled kernels, where fp32 dots use tf32 (separate tolerances).
+Sizes are odd on purpose (X=7, H=33, Hh=10, E=3, B=3: nothing is a multiple of a block), grids
+are kept to tens of programs (the interpreter costs ~1.5 ms per program instance).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from conftest import TOL, rel_err
+from hyperkern import HyperLSTM
+from hyperkern.ops import hyper_lstm as op
+from hyperkern.ops.hyper_lstm import naive
+from hyperkern.ops.hyper_lstm.common import CellConfig
+from hyperkern.testing import randomize_
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# Interpreter: dots are exact, so SPEC's tolerances apply. GPU: fp32 dots run in tf32 (~1e-3).
+TOL_HERE = dict(TOL) if not CUDA else {torch.float32: 3e-3, torch.float16: 1e-2}
+
+from hyperkern.ops.hyper_lstm import fused_triton  # noqa: E402  (after the skip checks)
+
+ODD = dict(input_size=7, hidden_size=33, hyper_size=10, embed_size=3)
+
+
+def _pair(dtype, seed=0, **kw):
+    """(float64 reference layer, the same parameters in ``dtype`` with backend='triton')."""
+    ref = HyperLSTM(**kw, dtype=torch.float64, backend="reference")
+    randomize_(ref, torch.Generator().manual_seed(seed))
+    fast = copy.deepcopy(ref).to(device=DEVICE, dtype=dtype)
+    fast.backend = "triton"
+    return ref, fast
+
+
+def _states(L, B, H, Hh, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(0.5 * torch.randn(L, B, n, generator=g, dtype=torch.float64) for n in (H, H, Hh, Hh))
+
+
+def _check(got_out, got_state, want_out, want_state, dtype):
+    tol = TOL_HERE[dtype]
+    assert torch.isfinite(got_out.double()).all()
+    e = rel_err(got_out.cpu(), want_out)
+    assert e <= tol, f"output rel err {e:.3g} > {tol}"
+    for name, g, w in zip(("h", "c", "h_hat", "c_hat"), got_state, want_state):
+        e = rel_err(g.cpu(), w)
+        assert e <= tol, f"final {name} rel err {e:.3g} > {tol}"
+
+
+def _run_both(ref, fast, x64, dtype, state=None, lengths=None):
+    with torch.no_grad():
+        want = ref(x64, state, lengths=lengths)
+        s = None if state is None else tuple(t.to(DEVICE, dtype) for t in state)
+        got = fast(x64.to(DEVICE, dtype), s, lengths=lengths)
+    return got, want
+
+
+# --- the layer through backend="triton" ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_odd_sizes_with_initial_state(dtype, layer_norm):
+    T, B = 5, 3
+    ref, fast = _pair(dtype, layer_norm=layer_norm, **ODD)
+    x = torch.randn(T, B, ODD["input_size"], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    state = _states(1, B, ODD["hidden_size"], ODD["hyper_size"])
+    (go, gs), (wo, ws) = _run_both(ref, fast, x, dtype, state)
+    assert go.dtype == dtype and go.shape == (T, B, ODD["hidden_size"])
+    _check(go, gs, wo, ws, dtype)
+
+
+def test_two_layers_bidirectional_fp32():
+    T, B = 4, 3
+    ref, fast = _pair(torch.float32, seed=3, num_layers=2, bidirectional=True, **ODD)
+    x = torch.randn(T, B, ODD["input_size"], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    state = _states(4, B, ODD["hidden_size"], ODD["hyper_size"], seed=5)
+    (go, gs), (wo, ws) = _run_both(ref, fast, x, torch.float32, state)
+    assert go.shape == (T, B, 2 * ODD["hidden_size"])
+    _check(go, gs, wo, ws, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_variable_length_bidirectional(dtype):
+    """Unsorted lengths (the layer sorts), bidirectional: outputs zero past each end, final state
+    at each sequence's own last step."""
+    T, B = 5, 3
+    ref, fast = _pair(dtype, seed=6, bidirectional=True, **ODD)
+    x = torch.randn(T, B, ODD["input_size"], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    lengths = torch.tensor([2, 5, 3])
+    (go, gs), (wo, ws) = _run_both(ref, fast, x, dtype, None, lengths)
+    assert bool((go[3:, 0] == 0).all()) and bool((go[4:, 2] == 0).all())
+    _check(go, gs, wo, ws, dtype)
+
+
+def test_packed_sequence_fp32():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    T, B = 4, 3
+    ref, fast = _pair(torch.float32, seed=8, **ODD)
+    x = torch.randn(T, B, ODD["input_size"], generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    lengths = torch.tensor([4, 1, 3])
+    packed64 = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    packed32 = pack_padded_sequence(x.to(DEVICE, torch.float32), lengths, enforce_sorted=False)
+    with torch.no_grad():
+        wo, ws = ref(packed64)
+        go, gs = fast(packed32)
+    _check(go.data, gs, wo.data, ws, torch.float32)
+
+
+def test_paper_ptb_layer_fp32():
+    """The paper's PTB cell (X=50, H=1000, Hh=128, E=4, layer norm) at B=2, T=2 (the interpreter's
+    cost grows with programs x chunks, so small B and T)."""
+    T, B = 2, 2
+    kw = dict(input_size=50, hidden_size=1000, hyper_size=128, embed_size=4)
+    ref, fast = _pair(torch.float32, seed=10, **kw)
+    x = torch.randn(T, B, 50, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    state = _states(1, B, 1000, 128, seed=12)
+    (go, gs), (wo, ws) = _run_both(ref, fast, x, torch.float32, state)
+    _check(go, gs, wo, ws, torch.float32)
+
+
+@pytest.mark.parametrize("B", [33, 130])
+def test_multi_chunk_rows_other_block_configs_fp32(B):
+    """H=70, Hh=65 span two column chunks of the cell kernel at B=33 (BMC=2, BN=64) and three at
+    B=130 (BMC=4, BN=32; gates BM=64 with a partial batch tile): the chunked layer-norm statistics
+    and every dispatcher row beyond the first are exercised."""
+    T = 2
+    kw = dict(input_size=9, hidden_size=70, hyper_size=65, embed_size=5)
+    ref, fast = _pair(torch.float32, seed=15, **kw)
+    x = torch.randn(T, B, 9, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(17))
+    (go, gs), (wo, ws) = _run_both(ref, fast, x, torch.float32, _states(1, B, 70, 65, seed=18), lengths)
+    _check(go, gs, wo, ws, torch.float32)
+
+
+def test_unbatched_and_batch_first_fp32():
+    ref, fast = _pair(torch.float32, seed=13, batch_first=True, **ODD)
+    x = torch.randn(2, 3, ODD["input_size"], generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    (go, gs), (wo, ws) = _run_both(ref, fast, x, torch.float32)
+    _check(go, gs, wo, ws, torch.float32)
+    (go, gs), (wo, ws) = _run_both(ref, fast, x[0], torch.float32)  # unbatched [T, X]
+    _check(go, gs, wo, ws, torch.float32)
+
+
+# --- the backend entry point: masks, NaN guard zones, launches ---------------------------------
+
+def _cell_params(cfg: CellConfig, seed: int):
+    from hyperkern import HyperLSTMCell
+
+    cell = HyperLSTMCell(cfg.input_size, cfg.hidden_size, cfg.hyper_size, cfg.embed_size, cfg.layer_norm,
+                         cfg.forget_bias, cfg.ln_eps, dtype=torch.float64)
+    randomize_(cell, torch.Generator().manual_seed(seed))
+    return {n: p.detach() for n, p in cell.params().items()}
+
+
+def _inputs(cfg, T, B, seed, lengths=None, dropout=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, cfg.input_size, generator=g, dtype=torch.float64)
+    st = tuple(0.5 * torch.randn(B, n, generator=g, dtype=torch.float64)
+               for n in (cfg.hidden_size, cfg.hidden_size, cfg.hyper_size, cfg.hyper_size))
+    masks = None
+    if dropout:
+        keep = 1.0 - dropout
+        masks = tuple(torch.bernoulli(torch.full((T, B, n), keep, dtype=torch.float64), generator=g) / keep
+                      for n in (cfg.hidden_size, cfg.hyper_size))
+    return x, st, masks
+
+
+def _to(dtype, x, st, p, masks):
+    cv = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    return cv(x), tuple(map(cv, st)), {n: cv(v) for n, v in p.items()}, (None if masks is None else tuple(map(cv, masks)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
+def test_nan_guard_zones_lengths_and_dropout_masks(dtype, layer_norm):
+    """Every internal buffer and parameter copy sits in a NaN-filled allocation, scratch starts as
+    NaN, and the output is a view into a NaN-filled tensor: no guard may be written, nothing read
+    outside what was written may leak into the (finite, correct) results."""
+    cfg = CellConfig(**ODD, layer_norm=layer_norm, forget_bias=0.4, ln_eps=1e-2)
+    T, B = 4, 3
+    p = _cell_params(cfg, 20)
+    x, st, masks = _inputs(cfg, T, B, 21, dropout=0.4)
+    lengths = torch.tensor([4, 3, 1])
+    want_out, want_state = naive.hyper_lstm_sequence(x, st, p, cfg, lengths, masks)
+    big = torch.full((T + 2, B + 3, cfg.hidden_size + 11), float("nan"), dtype=dtype, device=DEVICE)
+    out_view = big[1:T + 1, 2:B + 2, 5:5 + cfg.hidden_size]
+    xd, std, pd, md = _to(dtype, x, st, p, masks)
+    out, final, bufs = fused_triton.run_sequence(xd, std, pd, cfg, lengths, md, out=out_view, guard=7)
+    assert out.data_ptr() == out_view.data_ptr()
+    inside = torch.zeros(big.shape, dtype=torch.bool)
+    inside[1:T + 1, 2:B + 2, 5:5 + cfg.hidden_size] = True
+    assert bool(torch.isnan(big.cpu()[~inside]).all()), "output guard zone written"
+    assert bufs.check_guards() == []
+    assert len(bufs._full) >= 20  # every buffer really is guarded
+    _check(out, final, want_out, want_state, dtype)
+
+
+def test_masks_matter():
+    """A test that could not fail would be a defect: different masks must change the result."""
+    cfg = CellConfig(**ODD)
+    p = _cell_params(cfg, 22)
+    x, st, masks = _inputs(cfg, 3, 3, 23, dropout=0.5)
+    xd, std, pd, md = _to(torch.float32, x, st, p, masks)
+    with torch.no_grad():
+        a, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None, md)
+        b, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None, None)
+    assert rel_err(a.cpu(), b.cpu()) > 1e-2
+
+
+def _count_launches(monkeypatch):
+    from hyperkern.kernels import hyper_lstm_fwd as k
+
+    counts = []
+    for name in ("hyper_lstm_gates_kernel", "hyper_lstm_cell_kernel"):
+        fn = getattr(k, name)
+        orig = fn.run
+
+        def run(*args, _orig=orig, _name=name, **kw):
+            counts.append(_name)
+            return _orig(*args, **kw)
+
+        monkeypatch.setattr(fn, "run", run)
+    return counts
+
+
+def test_launches_per_step(monkeypatch):
+    """(launches at T=8 - launches at T=4) / 4: exactly 2 per step (issue: at most 3)."""
+    counts = _count_launches(monkeypatch)
+    cfg = CellConfig(input_size=5, hidden_size=16, hyper_size=8, embed_size=2)
+    p = _cell_params(cfg, 24)
+    per_T = {}
+    for T in (4, 8):
+        x, st, _ = _inputs(cfg, T, 2, 25)
+        xd, std, pd, _ = _to(torch.float32, x, st, p, None)
+        counts.clear()
+        with torch.no_grad():
+            fused_triton.hyper_lstm_sequence(xd, std, pd, cfg)
+        per_T[T] = len(counts)
+    per_step = (per_T[8] - per_T[4]) / 4
+    assert per_step == 2 and per_step <= 3
+    assert per_T[4] == 4 * per_step  # and nothing outside the loop launches a Triton kernel
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs a GPU")
+def test_time_loop_captures_in_a_cuda_graph():
+    cfg = CellConfig(input_size=7, hidden_size=64, hyper_size=16, embed_size=4)
+    p = _cell_params(cfg, 26)
+    x, st, _ = _inputs(cfg, 6, 4, 27)
+    xd, std, pd, _ = _to(torch.float32, x, st, p, None)
+    with torch.no_grad():
+        want, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg)  # also compiles the kernels
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+# --- errors, dispatch, training --------------------------------------------------------------
+
+def test_training_raises_clear_error():
+    _, fast = _pair(torch.float32, **ODD)
+    x = torch.randn(2, 3, ODD["input_size"], device=DEVICE)
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        fast(x)
+    with torch.no_grad():
+        out, _ = fast(x)
+    assert torch.isfinite(out).all()
+
+
+def test_bad_inputs():
+    cfg = CellConfig(**ODD)
+    p = _cell_params(cfg, 28)
+    x, st, _ = _inputs(cfg, 2, 3, 29)
+    xd, std, pd, _ = _to(torch.float32, x, st, p, None)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+            fused_triton.hyper_lstm_sequence(x, st, p, cfg)  # float64
+        with pytest.raises(TypeError, match="dtype"):
+            fused_triton.hyper_lstm_sequence(xd, std, {**pd, "bias": pd["bias"].half()}, cfg)
+        with pytest.raises(ValueError, match="shape"):
+            fused_triton.hyper_lstm_sequence(xd, std, {**pd, "d_weight": pd["d_weight"][:, :-1]}, cfg)
+        with pytest.raises(ValueError, match="state.c_hat"):
+            fused_triton.hyper_lstm_sequence(xd, (*std[:3], std[3][:, :-1]), pd, cfg)
+        with pytest.raises(ValueError, match="lengths"):
+            fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, torch.tensor([3, 2, 1]))
+        with pytest.raises(ValueError, match="m_hyper"):
+            fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None,
+                                             (torch.ones(2, 3, 33, device=DEVICE), torch.ones(2, 3, 9, device=DEVICE)))
+        if not CUDA:
+            with pytest.raises(TypeError, match="interpreter"):
+                fused_triton.hyper_lstm_sequence(xd.bfloat16(), tuple(s.bfloat16() for s in std),
+                                                 {n: v.bfloat16() for n, v in pd.items()}, cfg)
+
+
+def test_backend_registration_and_auto():
+    assert "triton" in op.BACKENDS
+    ok, why = op.backend_status("triton", DEVICE)
+    assert ok, why
+    assert op.resolve_backend("triton", DEVICE) == "triton"
+    assert op.resolve_backend("auto", torch.device("cpu")) == "torch"
+    if CUDA:
+        with torch.no_grad():
+            assert op.resolve_backend("auto", torch.device("cuda")) == "triton"  # inference on CUDA
+        assert op.resolve_backend("auto", torch.device("cuda")) == "torch"  # grad mode on: the training path
+    assert op.get_backend("triton") is fused_triton.hyper_lstm_sequence
+
+
+def test_dispatcher_choices_are_all_compile_checked():
+    """Every config the dispatcher can choose (any B; H up to 2048) is in compile_configs()."""
+    from hyperkern.kernels import hyper_lstm_fwd as k
+
+    names = {(c.kernel, c.name) for c in k.compile_configs()}
+    gates_all, cells_all = fused_triton.all_kernel_configs()
+    for B in list(range(1, 70)) + [127, 128, 129, 256, 1024]:
+        for H, Hh in ((1, 1), (33, 10), (1000, 128), (2048, 512)):
+            g, c = fused_triton.choose_configs(B, H, Hh)
+            assert g in gates_all and c in cells_all
+            for dt in ("fp32", "fp16", "bf16"):
+                assert ("hyper_lstm_gates_kernel", f"{dt} BM{g.BM} BH{g.BH} BK{g.BK}") in names
+                for ln in ("LN", "noLN"):
+                    assert ("hyper_lstm_cell_kernel", f"{dt} BMC{c.BMC} BN{c.BN} {ln}") in names
+
+
+# --- performance model (benchmarks) ----------------------------------------------------------
+
+def test_perf_model_rows():
+    from hyperkern import perf_model as pm
+
+    rs = pm.rows(measure_on_gpu=False)
+    assert len(rs) == 2 * len(pm.SHAPES)
+    for r, s in zip(rs, [s for s in pm.SHAPES for _ in range(2)]):
+        # every recurrent parameter = the cell's parameters minus the hoisted input projections
+        cfg = CellConfig(s.X, s.H, s.Hh, s.E, layer_norm=s.layer_norm)
+        assert pm.recurrent_param_elems(s) == cfg.num_parameters() - 4 * (s.H + s.Hh) * s.X
+        assert r["launches_step"] == 2
+        assert 1.0 <= r["bytes_ratio"] < 1.25
+        assert r["model_bytes_step"] <= r["l2_bytes_step"]
+        assert r["pred_us_host"] > r["pred_us_graph"] > 0
+        assert r["flops_recurrent_step"] >= 8 * s.B * s.H * s.H
+    text = pm.format_table(rs)
+    assert "modelled, not measured" in text and "3.35 TB/s" in text and "PTB" in text
