@@ -177,6 +177,9 @@ class _HyperLSTMSequence(torch.autograd.Function):
         hs, h_v, hh_v = HS.unbind(0), HS[..., :H].unbind(0), HS[..., H:].unbind(0)
         cm, ch, zt_v = Cm.unbind(0), Ch.unbind(0), ZT.unbind(0)
         main, hyper = _cells(cfg, p, x)
+        # what the backward needs, per step; kept only when a gradient is wanted (otherwise every
+        # step's temporaries are freed and their memory reused by the next step)
+        training = any(ctx.needs_input_grad)
         saved_main, saved_hyper, whs = [], [], []
 
         for t in range(T):
@@ -187,16 +190,19 @@ class _HyperLSTMSequence(torch.autograd.Function):
                 n, B, xp_hyper[t], hs[t], ch[t], ch[t + 1], hh_v[t + 1], xp_main[t], h_v[t], cm[t], cm[t + 1],
                 h_v[t + 1], None if m_hyper is None else m_hyper[t], None if m_main is None else m_main[t])
             a_hat = torch.addmm(xph, hs_t, W_rec_t).view(n, 4, K)
-            saved_hyper.append(hyper.forward(a_hat, c_hat_prev, c_hat, h_hat, mh))
+            sv_hyper = hyper.forward(a_hat, c_hat_prev, c_hat, h_hat, mh)
             z = torch.addmm(zb, h_hat, z_w_t)  # [n, 12E], from the NEW h_hat
             zt = zt_v[t] if n == B else zt_v[t][:, :n]
             zt.copy_(z.view(n, 12, E).transpose(0, 1))
             d_x, d_h, beta = torch.bmm(zt, d_w_t).view(3, 4, n, H).transpose(1, 2).unbind(0)  # [n, 4, H] each
             wh = lin_hh(h_prev).view(n, 4, H)
-            whs.append(wh)
             a = torch.add(beta, bias4, out=x.new_empty(n, 4, H))  # contiguous, whatever d's layout
             a.addcmul_(d_x, xpm).addcmul_(d_h, wh)
-            saved_main.append(main.forward(a, c_prev, c_new, h_new, mm))
+            sv_main = main.forward(a, c_prev, c_new, h_new, mm)
+            if training:
+                saved_hyper.append(sv_hyper)
+                saved_main.append(sv_main)
+                whs.append(wh)
 
         out = HS[1:, :, :H]
         if counts[-1] < B:
@@ -204,7 +210,7 @@ class _HyperLSTMSequence(torch.autograd.Function):
             out = out * alive.to(out).unsqueeze(-1)
         else:
             out = out.contiguous()
-        if any(ctx.needs_input_grad):
+        if training:
             ctx.save_for_backward(x, *flat)
             ctx.buffers = (XP, HS, ZT, whs, m_main, m_hyper)
             ctx.saved_cells = (saved_main, saved_hyper)
