@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 KERNEL_MODULES: List[str] = [
     "hyperkern.kernels.static_gen",
     "hyperkern.kernels.hyper_lstm_fwd",
+    "hyperkern.kernels.hyper_lstm_bwd",
 ]
 
 ARCHS = (80, 90)

@@ -248,6 +248,129 @@ def measure(s: Shape, dtype: str, repeats: int = 5) -> float:
     return start.elapsed_time(end) * 1e3 / (repeats * s.T)
 
 
+# --------------------------------------------------------------------------------------------
+# backward (BPTT): kernels/hyper_lstm_bwd.py, two launches per step (four in recompute mode)
+# --------------------------------------------------------------------------------------------
+
+def flops_per_step_bwd(s: Shape) -> Dict[str, float]:
+    """Backward FLOPs per step: the reverse loop (gates-backward GEMMs, d regeneration, dz, the
+    dĥ += dz @ z_weight product, elementwise) and the post-loop weight-gradient GEMMs (amortised)."""
+    B, X, H, Hh, E = s.B, s.X, s.H, s.Hh, s.E
+    gates = 2 * B * 4 * H * H + 2 * B * 4 * Hh * (H + Hh)  # dh_{t-1}, dĥ_{t-1}
+    cell = 16 * B * H * E + 24 * B * H * E + 2 * B * 12 * E * Hh + 60 * B * (H + Hh)
+    post = (2 * 2 * B * X * 4 * (H + Hh)  # dx, d[weight_ih ; hyper_weight_ih[:, :X]]
+            + 2 * B * 4 * Hh * (H + Hh) + 2 * B * 4 * H * H  # d hyper recurrent weights, d weight_hh
+            + 2 * B * 12 * E * Hh + 2 * B * 12 * H * E + 10 * B * (H + Hh))  # z_weight, d_weight, LN, biases
+    return {"loop": gates + cell, "post": post, "total": gates + cell + post}
+
+
+def saved_bytes_per_step(s: Shape, mode: str = "full") -> int:
+    """Bytes kept between forward and backward per step (all samples): ``full`` = the states
+    (h, c, ĥ, ĉ), P, G, Â, z and XP (fp32); ``states`` (recompute mode) = the states only."""
+    B, H, Hh, E = s.B, s.H, s.Hh, s.E
+    states = (2 * H + 2 * Hh) * 4
+    per_sample = states if mode == "states" else states + (4 * H + 4 * H + 4 * Hh + 12 * E + 4 * H + 4 * Hh) * 4
+    return B * per_sample
+
+
+def kernel_model_bwd(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
+    """Per backward kernel: programs, FLOPs, bytes issued (``l2``), first-touch bytes (``hbm``)
+    and the dependent round trips of one program (same conventions as :func:`kernel_model`)."""
+    from hyperkern.ops.hyper_lstm.fused_triton import choose_bwd_configs
+
+    wb, f4 = DTYPE_BYTES[dtype], 4
+    B, H, Hh, E, ln = s.B, s.H, s.Hh, s.E, s.layer_norm
+    g, c = choose_bwd_configs(B)
+    # launch 1: cell-backward (row-owning) -------------------------------------------------------
+    n_c = _cdiv(B, c.BMC)
+    ln_vecs = lambda n: (10 * n * wb if ln else 0)  # noqa: E731
+    reads = lambda n: (3 if ln else 1)  # noqa: E731  passes over the pre-gates (stats, B, C)
+    main_in = B * (4 * H * f4 * (reads(H) + 1) + 2 * 4 * H * f4 + 3 * H * f4 * (3 if ln else 1) + 2 * H * f4)
+    main_out = B * (4 * H * f4 * 3 + H * f4 + (4 * H * f4 + H * f4 if ln else 0))  # DA, DXP, DWH, dc; DG, DCN
+    hyp_in = B * (4 * Hh * f4 * (reads(Hh) + 0) + 3 * Hh * f4 * (3 if ln else 1) + 2 * Hh * f4)
+    hyp_out = B * (4 * Hh * f4 + Hh * f4 + (4 * Hh * f4 + Hh * f4 if ln else 0) + Hh * f4)  # dÂ, dĉ; DG, DCN; dĥ scratch
+    par = (12 * H * E + 12 * E * Hh) * wb + ln_vecs(H) + ln_vecs(Hh)
+    cell = {
+        "programs": n_c,
+        "flops": 16 * B * H * E + 24 * B * H * E + 2 * B * 12 * E * Hh + 60 * B * (H + Hh),
+        "l2": main_in + main_out + hyp_in + hyp_out + n_c * par + B * 12 * E * f4 * (2 + _cdiv(Hh, c.BN)),
+        "hbm": B * (4 * H * f4 * 3 + 2 * H * f4 + 2 * H * f4 + 12 * E * f4 + 4 * Hh * f4 + 4 * Hh * f4)  # G,P,XP,c's,dh/dc,z,Â,..
+               + main_out + hyp_out + par,
+        "chain_hbm": _cdiv(H, c.BN),
+        "chain_l2": ((5 if ln else 2) * _cdiv(H, c.BN) + (5 if ln else 1) * _cdiv(Hh, c.BN)
+                     + _cdiv(Hh, c.BN) * _cdiv(12 * E, c.BZ) + _cdiv(H, c.BN) * E * 0.2 + 4 * 0.5),
+    }
+    # launch 2: gates-backward (tiled GEMM) --------------------------------------------------------
+    n_bt, n_cols = _cdiv(B, g.BM), _cdiv(H, g.BN) + _cdiv(Hh, g.BN)
+    weights = (4 * H * H + 4 * Hh * H + 4 * Hh * Hh) * wb
+    gates = {
+        "programs": n_cols * n_bt,
+        "flops": 2 * B * 4 * H * H + 2 * B * 4 * Hh * (H + Hh),
+        "l2": n_bt * weights + _cdiv(H, g.BN) * B * 4 * (H + Hh) * f4 + _cdiv(Hh, g.BN) * B * 4 * Hh * f4
+              + 2 * B * (H + Hh) * f4,
+        "hbm": weights + 2 * B * (H + Hh) * f4,
+        "chain_hbm": 2, "chain_l2": 0,
+    }
+    return {"cell_bwd": cell, "gates_bwd": gates, "configs": {"cell_bwd": asdict(c), "gates_bwd": asdict(g)}}
+
+
+def predict_bwd(s: Shape, dtype: str) -> Dict[str, float]:
+    """Predicted backward µs per step (CUDA graph launches): the reverse loop, the post-loop GEMMs
+    amortised over T, and the recompute mode (the forward kernels once more per step)."""
+    p = PEAKS
+    km = kernel_model_bwd(s, dtype)
+    fl = flops_per_step_bwd(s)
+    loop = sum(_kernel_time(km[k], dtype, p["launch_graph"]) for k in ("cell_bwd", "gates_bwd"))
+    B, X, H, Hh, E, T = s.B, s.X, s.H, s.Hh, s.E, s.T
+    post_bytes = T * B * (4 * (4 * H + 4 * Hh) * 3 + 4 * 4 * H * 4 + 12 * E * 4 + (2 * H + 2 * Hh) * 4 * 2)
+    post = (8 * p["launch_host"] + max(post_bytes / p["hbm_bw"], T * fl["post"] / p["flops"][dtype])) / T
+    fwd = kernel_model(s, dtype)
+    re = sum(_kernel_time(fwd[k], dtype, p["launch_graph"]) for k in ("gates", "cell"))
+    return {"loop_us": loop * 1e6, "post_us": post * 1e6, "total_us": (loop + post) * 1e6,
+            "recompute_total_us": (loop + post + re) * 1e6,
+            "cell_bwd_us": _kernel_time(km["cell_bwd"], dtype, p["launch_graph"]) * 1e6,
+            "gates_bwd_us": _kernel_time(km["gates_bwd"], dtype, p["launch_graph"]) * 1e6}
+
+
+def rows_bwd(shapes: Sequence[Shape] = SHAPES, dtypes: Sequence[str] = ("fp32", "bf16")) -> List[Dict]:
+    """One backward row per (shape, dtype): FLOPs, bytes, launches, saved bytes, predicted time."""
+    out = []
+    for s in shapes:
+        for dt in dtypes:
+            km = kernel_model_bwd(s, dt)
+            fl = flops_per_step_bwd(s)
+            pr = predict_bwd(s, dt)
+            out.append({"shape": s.name, "dtype": dt, **asdict(s), "flops_step": fl["total"],
+                        "flops_loop_step": fl["loop"],
+                        "model_bytes_step": km["cell_bwd"]["hbm"] + km["gates_bwd"]["hbm"],
+                        "l2_bytes_step": km["cell_bwd"]["l2"] + km["gates_bwd"]["l2"],
+                        "launches_step": 2, "launches_step_recompute": 4,
+                        "saved_bytes_step": saved_bytes_per_step(s, "full"),
+                        "saved_bytes_step_recompute": saved_bytes_per_step(s, "states"),
+                        "pred_us_step": pr["total_us"], "pred_us_step_recompute": pr["recompute_total_us"],
+                        "cell_bwd_us": pr["cell_bwd_us"], "gates_bwd_us": pr["gates_bwd_us"],
+                        "post_us": pr["post_us"], "configs": km["configs"]})
+    return out
+
+
+def format_table_bwd(rs: Sequence[Dict]) -> str:
+    head = ["shape", "dtype", "B", "GFLOP/step", "model MB/step", "L2 MB/step", "launch/step", "saved KB/step",
+            "saved KB/step (recompute)", "pred µs/step", "pred µs/step (recompute)", "cell_bwd µs", "gates_bwd µs",
+            "post-loop µs"]
+    lines = [[r["shape"], r["dtype"], str(r["B"]), f"{r['flops_step'] / 1e9:.3f}", f"{r['model_bytes_step'] / 1e6:.2f}",
+              f"{r['l2_bytes_step'] / 1e6:.2f}", f"{r['launches_step']} ({r['launches_step_recompute']})",
+              f"{r['saved_bytes_step'] / 1e3:.1f}", f"{r['saved_bytes_step_recompute'] / 1e3:.1f}",
+              f"{r['pred_us_step']:.1f}", f"{r['pred_us_step_recompute']:.1f}", f"{r['cell_bwd_us']:.1f}",
+              f"{r['gates_bwd_us']:.1f}", f"{r['post_us']:.1f}"] for r in rs]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda vals: "  ".join(x.rjust(w) for x, w in zip(vals, widths))  # noqa: E731
+    return "\n".join(["HyperLSTM Triton backward (BPTT), per timestep of one cell (modelled, not measured; "
+                       "same assumed H100 peaks; CUDA-graph launches)", fmt(head), fmt(["-" * w for w in widths])]
+                     + [fmt(l) for l in lines]
+                     + ["saved = bytes kept from forward to backward for all B samples (fp32); post-loop = the "
+                        "weight-gradient GEMMs amortised over T; recompute adds the two forward kernels per step."])
+
+
 def format_table(rs: Sequence[Dict]) -> str:
     measured = any(r.get("measured_us") is not None for r in rs)
     head = ["shape", "dtype", "X", "H", "Hh", "E", "B", "GFLOP/step", "min MB/step", "model MB/step", "ratio",
@@ -290,6 +413,8 @@ def format_table(rs: Sequence[Dict]) -> str:
 
 def main() -> int:
     print(format_table(rows()))
+    print()
+    print(format_table_bwd(rows_bwd()))
     return 0
 
 

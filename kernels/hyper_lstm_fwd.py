@@ -25,7 +25,9 @@ steps into one library GEMM, ``XP = x @ [weight_ih ; hyper_weight_ih[:, :X]]^T``
 
 Gate maths is written once on ``[rows, 4, columns]`` tiles (gate axis in the middle) and shared by
 the hyper and the main cell. The chunk loops of the cell kernel are software-pipelined
-``PIPE`` deep (``tl.range(num_stages=PIPE)``): no loop reads a buffer it writes. Everything elementwise runs in fp32; dots accumulate in fp32 (fp32
+``PIPE`` deep (``tl.range(num_stages=PIPE)``): no loop reads a buffer it writes. Everything elementwise runs in fp32 (precisely: in the dtype of the state / scratch buffers,
+read from the pointers; fp32 except in the interpreter-only float64 test mode of ``fused_triton``);
+dots accumulate in fp32 (fp32
 operands use tf32 on a GPU, chosen by the ``DOT_PRECISION`` constexpr). Inside a program, a pass
 that re-reads what an earlier pass of the same program stored is separated by
 ``tl.debug_barrier()``; no program ever waits on another program.
@@ -133,7 +135,7 @@ def hyper_lstm_gates_kernel(
     n = tl.arange(0, 4 * BH)
     gate = n // BH  # columns are gate-interleaved: [i-block | f-block | g-block | o-block]
     jj = n % BH
-    acc = tl.zeros([BM, 4 * BH], dtype=tl.float32)
+    acc = tl.zeros([BM, 4 * BH], dtype=p_ptr.dtype.element_ty)
     if pid_n < n_main:
         j = pid_n * BH + jj
         col_ok = j < H
@@ -154,7 +156,7 @@ def hyper_lstm_gates_kernel(
         t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
         xph = tl.load(xph_ptr + t64 * stride_xpt + rows[:, None] * stride_xpb + wrow[None, :],
                       mask=m, other=0.0)
-        hb = tl.load(hbias_ptr + wrow, mask=col_ok, other=0.0).to(tl.float32)
+        hb = tl.load(hbias_ptr + wrow, mask=col_ok, other=0.0).to(p_ptr.dtype.element_ty)
         acc = acc + xph + hb[None, :]
         tl.store(ahat_ptr + rows[:, None] * stride_ahat + wrow[None, :], acc, mask=m)
 
@@ -168,8 +170,8 @@ def _gate_stats(buf_ptr, stride_buf, rows3, row_ok3, gate3, N, BMC: tl.constexpr
                 PIPE: tl.constexpr):
     """Per-gate (mean, M2) of the pre-gates ``buf[rows, 4N]`` in one pass: each [BMC, 4, 1]."""
     cols = tl.arange(0, BN)[None, None, :]
-    mean = tl.zeros([BMC, 4, 1], dtype=tl.float32)
-    m2 = tl.zeros([BMC, 4, 1], dtype=tl.float32)
+    mean = tl.zeros([BMC, 4, 1], dtype=buf_ptr.dtype.element_ty)
+    m2 = tl.zeros([BMC, 4, 1], dtype=buf_ptr.dtype.element_ty)
     for j0 in tl.range(0, N, BN, num_stages=PIPE):
         j = j0 + cols
         col_ok = j < N
@@ -193,21 +195,21 @@ def _update_pass(buf_ptr, stride_buf, g_mean, g_rstd, lnw_ptr, lnb_ptr, N,
     With LAYER_NORM, the gates are normalised first and the statistics of c_t are returned for
     :func:`_output_pass`; without it, h_t = σ(o) tanh(c_t) is stored here (and the output)."""
     cols = tl.arange(0, BN)[None, None, :]
-    c_mean = tl.zeros([BMC, 1, 1], dtype=tl.float32)
-    c_m2 = tl.zeros([BMC, 1, 1], dtype=tl.float32)
+    c_mean = tl.zeros([BMC, 1, 1], dtype=c_new_ptr.dtype.element_ty)
+    c_m2 = tl.zeros([BMC, 1, 1], dtype=c_new_ptr.dtype.element_ty)
     for j0 in tl.range(0, N, BN, num_stages=PIPE):
         j = j0 + cols
         col_ok = j < N
         ok = row_ok3 & col_ok
         a = tl.load(buf_ptr + rows3 * stride_buf + gate3 * N + j, mask=ok, other=0.0)
         if LAYER_NORM:
-            w = tl.load(lnw_ptr + gate3 * N + j, mask=col_ok, other=0.0).to(tl.float32)
-            b = tl.load(lnb_ptr + gate3 * N + j, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(lnw_ptr + gate3 * N + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            b = tl.load(lnb_ptr + gate3 * N + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
             a = (a - g_mean) * g_rstd * w + b
         s = tl.sigmoid(a + tl.where(gate3 == 1, forget_bias, 0.0))
         g = _tanh(_pick(a, gate3, 2))
         use_mask = (j * 0 + has_mask) != 0  # a block, not a scalar (the interpreter mishandles scalar & block)
-        rd = tl.load(m_ptr + rows3 * stride_m + j, mask=ok & use_mask, other=1.0).to(tl.float32)
+        rd = tl.load(m_ptr + rows3 * stride_m + j, mask=ok & use_mask, other=1.0).to(c_new_ptr.dtype.element_ty)
         s_off = rows3 * stride_s + j
         c_prev = tl.load(c_prev_ptr + s_off, mask=ok, other=0.0)
         c = _pick(s, gate3, 1) * c_prev + _pick(s, gate3, 0) * (g * rd)
@@ -240,13 +242,13 @@ def _output_pass(buf_ptr, stride_buf, g_mean, g_rstd, lnw_ptr, lnb_ptr, N,
         col_ok = j < N
         ok = row_ok3 & col_ok
         a_o = tl.load(buf_ptr + rows3 * stride_buf + 3 * N + j, mask=ok, other=0.0)
-        w = tl.load(lnw_ptr + 3 * N + j, mask=col_ok, other=0.0).to(tl.float32)
-        b = tl.load(lnb_ptr + 3 * N + j, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(lnw_ptr + 3 * N + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+        b = tl.load(lnb_ptr + 3 * N + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
         a_o = (a_o - o_mean) * o_rstd * w + b
         s_off = rows3 * stride_s + j
         c = tl.load(c_new_ptr + s_off, mask=ok, other=0.0)
-        cw = tl.load(lncw_ptr + j, mask=col_ok, other=0.0).to(tl.float32)
-        cb = tl.load(lncb_ptr + j, mask=col_ok, other=0.0).to(tl.float32)
+        cw = tl.load(lncw_ptr + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+        cb = tl.load(lncb_ptr + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
         h = tl.sigmoid(a_o) * _tanh((c - c_mean) * c_rstd * cw + cb)
         h_prev = tl.load(h_prev_ptr + s_off, mask=ok, other=0.0)
         tl.store(h_new_ptr + s_off, tl.where(alive3, h, h_prev), mask=ok)
@@ -268,15 +270,15 @@ def _embeddings(hh_ptr, stride_hh, zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z, r
     for q0 in range(0, NZ, BZ):
         q = q0 + q_ar
         q_ok = q < NZ
-        acc = tl.zeros([BMC, BZ], dtype=tl.float32)
+        acc = tl.zeros([BMC, BZ], dtype=z_ptr.dtype.element_ty)
         for k0 in range(0, Hh, BKZ):
             k = k0 + k_ar
             k_ok = k < Hh
             hv = tl.load(hh_ptr + rows3 * stride_hh + k, mask=row_ok3 & k_ok, other=0.0)
-            wv = tl.load(zw_ptr + q * stride_zw + k, mask=q_ok & k_ok, other=0.0).to(tl.float32)
+            wv = tl.load(zw_ptr + q * stride_zw + k, mask=q_ok & k_ok, other=0.0).to(z_ptr.dtype.element_ty)
             acc += tl.sum(hv * wv, axis=2)
         q2 = q0 + q2_ar
-        zb = tl.load(zb_ptr + q2, mask=q2 < 8 * E, other=0.0).to(tl.float32)
+        zb = tl.load(zb_ptr + q2, mask=q2 < 8 * E, other=0.0).to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + rows[:, None] * stride_z + q2, acc + zb, mask=row_ok[:, None] & (q2 < NZ))
 
 
@@ -289,8 +291,8 @@ def _main_pregates(p_ptr, stride_p, xp_ptr, stride_xpb, bias_ptr, dw_ptr, z_ptr,
     The scaling vectors are generated here, chunk by chunk, from z and d_weight (E FMAs per value,
     12 paths): d_k[b, j] = Σ_e z[b, kE + e] · d_weight[k, j, e]. They never leave registers."""
     cols = tl.arange(0, BN)[None, None, :]
-    mean = tl.zeros([BMC, 4, 1], dtype=tl.float32)
-    m2 = tl.zeros([BMC, 4, 1], dtype=tl.float32)
+    mean = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
+    m2 = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
     HE = H * E
     z_rows = z_ptr + rows3 * stride_z + gate3 * E  # [BMC, 4, 1]: path (x, gate) of each row
     for j0 in tl.range(0, H, BN, num_stages=PIPE):
@@ -300,18 +302,18 @@ def _main_pregates(p_ptr, stride_p, xp_ptr, stride_xpb, bias_ptr, dw_ptr, z_ptr,
         off = gate3 * H + j
         p = tl.load(p_ptr + rows3 * stride_p + off, mask=ok, other=0.0)
         xp = tl.load(xp_ptr + rows3 * stride_xpb + off, mask=ok, other=0.0)
-        bias = tl.load(bias_ptr + off, mask=col_ok, other=0.0).to(tl.float32)
-        d_x = tl.zeros([BMC, 4, BN], dtype=tl.float32)
-        d_h = tl.zeros([BMC, 4, BN], dtype=tl.float32)
-        beta = tl.zeros([BMC, 4, BN], dtype=tl.float32)
+        bias = tl.load(bias_ptr + off, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
+        d_x = tl.zeros([BMC, 4, BN], dtype=g_ptr.dtype.element_ty)
+        d_h = tl.zeros([BMC, 4, BN], dtype=g_ptr.dtype.element_ty)
+        beta = tl.zeros([BMC, 4, BN], dtype=g_ptr.dtype.element_ty)
         w_cols = dw_ptr + gate3 * HE + j * E  # [1, 4, BN]: d_weight[gate, j, :]
         for e in range(E):
             z_x = tl.load(z_rows + e, mask=row_ok3, other=0.0)
             z_h = tl.load(z_rows + 4 * E + e, mask=row_ok3, other=0.0)
             z_b = tl.load(z_rows + 8 * E + e, mask=row_ok3, other=0.0)
-            w_x = tl.load(w_cols + e, mask=col_ok, other=0.0).to(tl.float32)
-            w_h = tl.load(w_cols + 4 * HE + e, mask=col_ok, other=0.0).to(tl.float32)
-            w_b = tl.load(w_cols + 8 * HE + e, mask=col_ok, other=0.0).to(tl.float32)
+            w_x = tl.load(w_cols + e, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
+            w_h = tl.load(w_cols + 4 * HE + e, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
+            w_b = tl.load(w_cols + 8 * HE + e, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
             d_x += z_x * w_x
             d_h += z_h * w_h
             beta += z_b * w_b
@@ -356,7 +358,7 @@ def hyper_lstm_cell_kernel(
     alive3 = (t < lens)[:, None, None]
     gate3 = tl.arange(0, 4)[None, :, None]
     t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
-    zeros_g = tl.zeros([BMC, 4, 1], dtype=tl.float32)
+    zeros_g = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
 
     # 1. hyper cell (state ĥ, ĉ) from its pre-gates Â
     hg_mean = zeros_g

@@ -3,8 +3,8 @@
 - ``naive``        — the float64-capable reference (the oracle), backend name ``"reference"``.
 - ``fused_torch``  — the fast PyTorch backend (hoisted input GEMM, hand-written backward),
                      backend name ``"torch"``; the CPU path.
-- ``fused_triton`` — fused Triton kernels (``"triton"``): forward only for now; CUDA tensors,
-                     or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+- ``fused_triton`` — fused Triton kernels (``"triton"``): forward and BPTT backward; CUDA
+                     tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 
 Every backend follows the calling convention documented in :mod:`.common`.
 """
@@ -20,6 +20,7 @@ from .common import CellConfig, HyperLSTMState, PARAM_NAMES  # noqa: F401  (re-e
 
 BACKENDS = ("reference", "torch", "triton")
 _MODULES = {"reference": ".naive", "torch": ".fused_torch", "triton": ".fused_triton"}
+_LOADED: Dict[str, object] = {}
 
 
 def _triton_status(device=None) -> Tuple[bool, str]:
@@ -32,7 +33,7 @@ def _triton_status(device=None) -> Tuple[bool, str]:
     interp = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
     where = "CUDA" if device is None else str(device)
     if (device is None and torch.cuda.is_available()) or (device is not None and torch.device(device).type == "cuda"):
-        return True, f"Triton {triton.__version__} kernels on {where} (forward only)"
+        return True, f"Triton {triton.__version__} kernels on {where} (forward and backward)"
     if interp and (device is None or torch.device(device).type == "cpu"):
         return True, f"Triton {triton.__version__} interpreter on CPU tensors (TRITON_INTERPRET=1; slow, for tests)"
     return False, f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {where if device is not None else 'no CUDA device'}"
@@ -50,8 +51,8 @@ def backend_status(name: str, device=None) -> Tuple[bool, str]:
 def resolve_backend(name: str, device: torch.device) -> str:
     """Map ``"auto"`` to the fastest correct backend for ``device``; validate explicit names."""
     if name == "auto":
-        # Triton for inference on CUDA; training keeps "torch" until the Triton backward ships.
-        if torch.device(device).type == "cuda" and not torch.is_grad_enabled() and backend_status("triton", device)[0]:
+        # Triton on CUDA, for inference and training (fused forward + BPTT backward kernels).
+        if torch.device(device).type == "cuda" and backend_status("triton", device)[0]:
             return "triton"
         return "torch"
     ok, why = backend_status(name, device)
@@ -64,7 +65,9 @@ def get_backend(name: str) -> Callable:
     """The ``hyper_lstm_sequence`` function of a resolved backend name."""
     if name not in _MODULES:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
-    return importlib.import_module(_MODULES[name], __name__).hyper_lstm_sequence
+    if name not in _LOADED:  # a plain dict lookup afterwards: torch.compile traces it without a break
+        _LOADED[name] = importlib.import_module(_MODULES[name], __name__)
+    return _LOADED[name].hyper_lstm_sequence
 
 
 def available_backends() -> Dict[str, Tuple[bool, str]]:

@@ -1,0 +1,410 @@
+"""Fused Triton backward (BPTT) kernels of one HyperLSTM cell (SPEC §1): two launches per step.
+
+The training forward (``fused_triton.run_sequence(save=True)``) keeps, per step, the states
+``h, c, ĥ, ĉ`` ([T+1, B, *]), the raw recurrent product ``P = h_{t-1} @ W_hh^T``, the main pre-norm
+gates ``G``, the hyper pre-norm gates ``Â`` and the embeddings ``z`` (all fp32), plus the hoisted
+``XP``. The backward (``fused_triton.run_backward``) walks time in reverse, per step t:
+
+1. :func:`hyper_lstm_cell_bwd_kernel` — grid ``cdiv(B, BMC)``; a program owns whole rows:
+
+   - main cell: LN statistics of G and c_t rebuilt from the saved tensors, then the gradient
+     through LN(c), the LSTM update and the per-gate LN -> ``da`` (main pre-norm gates), ``dc_{t-1}``;
+     the post-LN gate gradients ``dg`` and the LN(c) input gradients ``dcn`` are stored per step
+     for the layer-norm parameter gradients (after the loop);
+   - row scaling: ``d_x, d_h`` regenerated from z and d_weight in registers (never stored):
+     ``DXP[t] = d_x ⊙ da`` (-> d x, d weight_ih), ``DWH[t] = d_h ⊙ da`` (-> dh_{t-1}, d weight_hh),
+     and ``dz_k = Σ_j dd_k[:, j] d_weight[k, j, :]`` with ``dd = (da ⊙ XP, da ⊙ P, da)``
+     accumulated in registers over the row (``DZ[t]``);
+   - hyper cell: ``dĥ_t = dĥ_carry + dz @ z_weight``, then the same gated-cell backward over Hh
+     -> ``dÂ`` (stored into the hyper half of DXP[t]) and ``dĉ_{t-1}``.
+
+2. :func:`hyper_lstm_gates_bwd_kernel` — grid ``(cdiv(H, BN) + cdiv(Hh, BN), cdiv(B, BM))``, a
+   tiled GEMM: ``dh_{t-1} = DWH[t] @ W_hh + dÂ @ hyper_weight_ih[:, X:]``,
+   ``dĥ_{t-1} = dÂ @ hyper_weight_hh``.
+
+Past a sequence's end (``t >= length``) every per-step gradient row is zero and the state
+gradients pass through unchanged. Every sum over time (all weight, bias and layer-norm
+gradients, and d_weight's) is a library GEMM / reduction after the loop over the stacked
+per-step buffers: no atomics anywhere, so repeated backward passes are bitwise identical.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from hyperkern.kernels.hyper_lstm_fwd import (  # noqa: F401  (shared helpers, one definition)
+    INTERPRETING, _chan_merge, _chunk_moments, _gate_stats, _pick, _tanh,
+)
+
+
+@triton.jit
+def _row_stats(c_ptr, stride_c, rows3, row_ok3, N, BMC: tl.constexpr, BN: tl.constexpr):
+    """(mean, M2) over N columns of ``c[rows, :N]`` as [BMC, 1, 1]."""
+    cols = tl.arange(0, BN)[None, None, :]
+    mean = tl.zeros([BMC, 1, 1], dtype=c_ptr.dtype.element_ty)
+    m2 = tl.zeros([BMC, 1, 1], dtype=c_ptr.dtype.element_ty)
+    for j0 in range(0, N, BN):
+        j = j0 + cols
+        col_ok = j < N
+        c = tl.load(c_ptr + rows3 * stride_c + j, mask=row_ok3 & col_ok, other=0.0)
+        n_c = tl.minimum(N - j0, BN) * 1.0
+        mean_c, m2_c = _chunk_moments(c, col_ok, n_c)
+        mean, m2 = _chan_merge(j0 * 1.0, mean, m2, n_c, mean_c, m2_c)
+    return mean, m2
+
+
+@triton.jit
+def _cell_bwd(a_ptr, stride_a, N,                       # saved pre-norm gates [rows, 4N]
+              c_prev_ptr, c_new_ptr, stride_s,          # saved c_{t-1}, c_t
+              dh_ptr, stride_dh, dh2_ptr, stride_dh2,   # dh (+ dh2 if ADD_DH2), [rows, N]
+              dc_ptr, dcp_ptr, stride_dc,               # in: dc_t; out: dc_{t-1}
+              lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
+              m_ptr, stride_m, has_mask,
+              da_ptr, stride_da,                        # out: d pre-norm gates [rows, 4N]
+              dg_ptr, stride_dg, dcn_ptr, stride_dcn,   # out (LAYER_NORM): dg [rows, 4N], dcn [rows, N]
+              rows3, row_ok3, alive3, gate3, forget_bias, eps,
+              LAYER_NORM: tl.constexpr, ADD_DH2: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr):
+    """Backward of one gated cell (main or hyper) for the program's rows; see the module doc."""
+    cols = tl.arange(0, BN)[None, None, :]
+    zeros_g = tl.zeros([BMC, 4, 1], dtype=c_new_ptr.dtype.element_ty)
+    zeros_r = tl.zeros([BMC, 1, 1], dtype=c_new_ptr.dtype.element_ty)
+    g_mean = zeros_g
+    g_rstd = zeros_g
+    c_mean = zeros_r
+    c_rstd = zeros_r
+    s1 = zeros_r  # Σ dcn·cw        (LN(c) backward)
+    s2 = zeros_r  # Σ dcn·cw·ĉn
+    if LAYER_NORM:
+        g_mean, g_m2 = _gate_stats(a_ptr, stride_a, rows3, row_ok3, gate3, N, BMC, BN, 1)
+        g_rstd = tl.rsqrt(g_m2 / N + eps)
+        c_mean, c_m2 = _row_stats(c_new_ptr, stride_s, rows3, row_ok3, N, BMC, BN)
+        c_rstd = tl.rsqrt(c_m2 / N + eps)
+        # pass A: the two row sums of the LN(c) backward
+        for j0 in range(0, N, BN):
+            j = j0 + cols
+            col_ok = j < N
+            ok = row_ok3 & col_ok
+            a_o = tl.load(a_ptr + rows3 * stride_a + 3 * N + j, mask=ok, other=0.0)
+            w_o = tl.load(lnw_ptr + 3 * N + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            b_o = tl.load(lnb_ptr + 3 * N + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            s_o = tl.sigmoid((a_o - _pick(g_mean, gate3, 3)) * _pick(g_rstd, gate3, 3) * w_o + b_o)
+            c = tl.load(c_new_ptr + rows3 * stride_s + j, mask=ok, other=0.0)
+            cw = tl.load(lncw_ptr + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            cb = tl.load(lncb_ptr + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            cn = (c - c_mean) * c_rstd
+            tc = _tanh(cn * cw + cb)
+            dh = tl.load(dh_ptr + rows3 * stride_dh + j, mask=ok, other=0.0)
+            if ADD_DH2:
+                dh += tl.load(dh2_ptr + rows3 * stride_dh2 + j, mask=ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            dcnw = tl.where(ok, dh * s_o * (1.0 - tc * tc) * cw, 0.0)
+            s1 += tl.sum(dcnw, axis=2, keep_dims=True)
+            s2 += tl.sum(dcnw * cn, axis=2, keep_dims=True)
+    s1 = s1 / N
+    s2 = s2 / N
+    # pass B: dc, the gate gradients, dc_{t-1}; per-gate sums of the LN backward
+    t1 = zeros_g  # Σ dg·w
+    t2 = zeros_g  # Σ dg·w·an
+    for j0 in range(0, N, BN):
+        j = j0 + cols
+        col_ok = j < N
+        ok = row_ok3 & col_ok
+        okg = ok & (gate3 < 4)
+        a = tl.load(a_ptr + rows3 * stride_a + gate3 * N + j, mask=okg, other=0.0)
+        if LAYER_NORM:
+            w = tl.load(lnw_ptr + gate3 * N + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            b = tl.load(lnb_ptr + gate3 * N + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            an = (a - g_mean) * g_rstd
+            a = an * w + b
+        s = tl.sigmoid(a + tl.where(gate3 == 1, forget_bias, 0.0))
+        s_i = _pick(s, gate3, 0)
+        s_f = _pick(s, gate3, 1)
+        s_o = _pick(s, gate3, 3)
+        tg = _tanh(_pick(a, gate3, 2))
+        use_mask = (j * 0 + has_mask) != 0
+        rd = tl.load(m_ptr + rows3 * stride_m + j, mask=ok & use_mask, other=1.0).to(c_new_ptr.dtype.element_ty)
+        s_off = rows3 * stride_s + j
+        c_prev = tl.load(c_prev_ptr + s_off, mask=ok, other=0.0)
+        c = tl.load(c_new_ptr + s_off, mask=ok, other=0.0)
+        dh = tl.load(dh_ptr + rows3 * stride_dh + j, mask=ok, other=0.0)
+        if ADD_DH2:
+            dh += tl.load(dh2_ptr + rows3 * stride_dh2 + j, mask=ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+        dc_in = tl.load(dc_ptr + rows3 * stride_dc + j, mask=ok, other=0.0)
+        if LAYER_NORM:
+            cw = tl.load(lncw_ptr + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            cb = tl.load(lncb_ptr + j, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            cn = (c - c_mean) * c_rstd
+            tc = _tanh(cn * cw + cb)
+            dcn = dh * s_o * (1.0 - tc * tc)
+            dc = dc_in + c_rstd * (dcn * cw - s1 - cn * s2)
+            tl.store(dcn_ptr + rows3 * stride_dcn + j, tl.where(alive3, dcn, 0.0), mask=ok)
+        else:
+            tc = _tanh(c)
+            dc = dc_in + dh * s_o * (1.0 - tc * tc)
+        # d/d activations (σ(i), σ(f), tanh(g), σ(o)), then through them
+        dact = tl.where(gate3 == 0, dc * (tg * rd),
+                        tl.where(gate3 == 1, dc * c_prev,
+                                 tl.where(gate3 == 2, dc * s_i * rd, dh * tc)))
+        dg = tl.where(gate3 == 2, dact * (1.0 - tg * tg), dact * s * (1.0 - s))
+        dg = tl.where(alive3, dg, 0.0)
+        tl.store(dcp_ptr + rows3 * stride_dc + j, tl.where(alive3, dc * s_f, dc_in), mask=ok)
+        if LAYER_NORM:
+            tl.store(dg_ptr + rows3 * stride_dg + gate3 * N + j, dg, mask=okg)
+            dgw = tl.where(okg, dg * w, 0.0)
+            t1 += tl.sum(dgw, axis=2, keep_dims=True)
+            t2 += tl.sum(dgw * an, axis=2, keep_dims=True)
+        else:
+            tl.store(da_ptr + rows3 * stride_da + gate3 * N + j, dg, mask=okg)
+    if LAYER_NORM:
+        t1 = t1 / N
+        t2 = t2 / N
+        tl.debug_barrier()
+        # pass C: through the per-gate LN (dg re-read from this program's own stores)
+        for j0 in range(0, N, BN):
+            j = j0 + cols
+            col_ok = j < N
+            okg = row_ok3 & col_ok & (gate3 < 4)
+            off = gate3 * N + j
+            a = tl.load(a_ptr + rows3 * stride_a + off, mask=okg, other=0.0)
+            w = tl.load(lnw_ptr + off, mask=col_ok, other=0.0).to(c_new_ptr.dtype.element_ty)
+            dg = tl.load(dg_ptr + rows3 * stride_dg + off, mask=okg, other=0.0)
+            an = (a - g_mean) * g_rstd
+            da = g_rstd * (dg * w - t1 - an * t2)
+            tl.store(da_ptr + rows3 * stride_da + off, tl.where(alive3, da, 0.0), mask=okg)
+
+
+@triton.jit(do_not_specialize=["t"])
+def hyper_lstm_cell_bwd_kernel(
+    t, B, H, Hh, E, lengths_ptr,
+    # saved forward tensors of step t
+    g_ptr, stride_g,                                  # main pre-norm gates G[t] [B, 4H]
+    p_ptr, stride_p,                                  # P[t] = h_{t-1} @ W_hh^T [B, 4H]
+    xp_ptr, stride_xpb,                               # XP_main[t] [B, 4H] (view)
+    z_ptr, stride_z,                                  # z[t] [B, 12E]
+    c_prev_ptr, c_new_ptr, stride_s,                  # c_{t-1}, c_t [B, H]
+    ahat_ptr, stride_ahat,                            # Â[t] [B, 4Hh]
+    chat_prev_ptr, chat_new_ptr, stride_hs,           # ĉ_{t-1}, ĉ_t [B, Hh]
+    # parameters
+    dw_ptr, zw_ptr, stride_zw,                        # d_weight [12, H, E], z_weight [12E, Hh]
+    ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,
+    hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,
+    m_ptr, stride_mb, mh_ptr, stride_mhb,             # dropout masks of step t [B, H], [B, Hh]
+    # incoming gradients
+    dout_ptr, stride_dout,                            # d out[t] [B, H]
+    dh_ptr, stride_dh, dhh_ptr, stride_dhh,           # dh_t [B, H], dĥ_t carry [B, Hh]
+    dc_ptr, dcp_ptr, stride_dc,                       # dc_t in, dc_{t-1} out [B, H]
+    dch_ptr, dchp_ptr, stride_dch,                    # dĉ_t in, dĉ_{t-1} out [B, Hh]
+    # per-step gradient outputs
+    da_ptr, stride_da,                                # DA[t] = d main pre-norm gates [B, 4H]
+    dxp_ptr, stride_dxp,                              # DXP_main[t] = d_x ⊙ da [B, 4H]
+    dwh_ptr, stride_dwh,                              # DWH[t] = d_h ⊙ da [B, 4H]
+    dahat_ptr, stride_dahat,                          # DXP_hyper[t] = dÂ [B, 4Hh]
+    dz_ptr, stride_dz,                                # DZ[t] [B, 12E]
+    dg_ptr, stride_dg, dcn_ptr, stride_dcn,           # main dg [B, 4H], dcn [B, H] (LN)
+    hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,       # hyper dg [B, 4Hh], dcn [B, Hh] (LN)
+    dhh_tot_ptr, stride_dht,                          # scratch: total dĥ_t [B, Hh]
+    has_masks, forget_bias, eps,
+    LAYER_NORM: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr,
+    BZ: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BMC + tl.arange(0, BMC)
+    row_ok = rows < B
+    rows3 = rows[:, None, None]
+    row_ok3 = row_ok[:, None, None]
+    lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    alive3 = (t < lens)[:, None, None]
+    gate3 = tl.arange(0, 4)[None, :, None]
+
+    # 1. main cell: dh_t = carry + d out[t]  ->  da (DA[t]), dc_{t-1}
+    _cell_bwd(g_ptr, stride_g, H, c_prev_ptr, c_new_ptr, stride_s,
+              dh_ptr, stride_dh, dout_ptr, stride_dout, dc_ptr, dcp_ptr, stride_dc,
+              ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr, m_ptr, stride_mb, has_masks,
+              da_ptr, stride_da, dg_ptr, stride_dg, dcn_ptr, stride_dcn,
+              rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, True, BMC, BN)
+    tl.debug_barrier()
+
+    # 2. row scaling: DXP = d_x ⊙ da, DWH = d_h ⊙ da, dz = Σ_j dd_k[j] d_weight[k, j, :]
+    cols = tl.arange(0, BN)[None, None, :]
+    e_ar = tl.arange(0, BE)[None, None, :]
+    HE = H * E
+    z_rows = z_ptr + rows3 * stride_z + gate3 * E
+    dz_x = tl.zeros([BMC, 4, BE], dtype=da_ptr.dtype.element_ty)
+    dz_h = tl.zeros([BMC, 4, BE], dtype=da_ptr.dtype.element_ty)
+    dz_b = tl.zeros([BMC, 4, BE], dtype=da_ptr.dtype.element_ty)
+    for j0 in range(0, H, BN):
+        j = j0 + cols
+        col_ok = j < H
+        ok = row_ok3 & col_ok & (gate3 < 4)
+        off = gate3 * H + j
+        da = tl.load(da_ptr + rows3 * stride_da + off, mask=ok, other=0.0)
+        xp = tl.load(xp_ptr + rows3 * stride_xpb + off, mask=ok, other=0.0)
+        p = tl.load(p_ptr + rows3 * stride_p + off, mask=ok, other=0.0)
+        dd_x = da * xp
+        dd_h = da * p
+        d_x = tl.zeros([BMC, 4, BN], dtype=da_ptr.dtype.element_ty)
+        d_h = tl.zeros([BMC, 4, BN], dtype=da_ptr.dtype.element_ty)
+        w_cols = dw_ptr + gate3 * HE + j * E
+        for e in range(E):
+            z_x = tl.load(z_rows + e, mask=row_ok3, other=0.0)
+            z_h = tl.load(z_rows + 4 * E + e, mask=row_ok3, other=0.0)
+            w_x = tl.load(w_cols + e, mask=col_ok, other=0.0).to(da_ptr.dtype.element_ty)
+            w_h = tl.load(w_cols + 4 * HE + e, mask=col_ok, other=0.0).to(da_ptr.dtype.element_ty)
+            w_b = tl.load(w_cols + 8 * HE + e, mask=col_ok, other=0.0).to(da_ptr.dtype.element_ty)
+            d_x += z_x * w_x
+            d_h += z_h * w_h
+            sel = e_ar == e
+            dz_x += tl.where(sel, tl.sum(dd_x * w_x, axis=2, keep_dims=True), 0.0)
+            dz_h += tl.where(sel, tl.sum(dd_h * w_h, axis=2, keep_dims=True), 0.0)
+            dz_b += tl.where(sel, tl.sum(da * w_b, axis=2, keep_dims=True), 0.0)
+        tl.store(dxp_ptr + rows3 * stride_dxp + off, da * d_x, mask=ok)
+        tl.store(dwh_ptr + rows3 * stride_dwh + off, da * d_h, mask=ok)
+    dz_off = dz_ptr + rows3 * stride_dz + gate3 * E + e_ar
+    e_ok = row_ok3 & (e_ar < E) & (gate3 < 4)
+    tl.store(dz_off, dz_x, mask=e_ok)
+    tl.store(dz_off + 4 * E, dz_h, mask=e_ok)
+    tl.store(dz_off + 8 * E, dz_b, mask=e_ok)
+    tl.debug_barrier()
+
+    # 3. dĥ_t = carry + dz @ z_weight -> scratch (this program's rows)
+    NZ = 12 * E
+    q_ar = tl.arange(0, BZ)[None, :, None]
+    for k0 in range(0, Hh, BN):
+        k = k0 + cols
+        k_ok = k < Hh
+        acc = tl.load(dhh_ptr + rows3 * stride_dhh + k, mask=row_ok3 & k_ok, other=0.0)
+        for q0 in range(0, NZ, BZ):
+            q = q0 + q_ar
+            q_ok = q < NZ
+            dzv = tl.load(dz_ptr + rows3 * stride_dz + q, mask=row_ok3 & q_ok, other=0.0)
+            wv = tl.load(zw_ptr + q * stride_zw + k, mask=q_ok & k_ok, other=0.0).to(da_ptr.dtype.element_ty)
+            acc += tl.sum(dzv * wv, axis=1, keep_dims=True)
+        tl.store(dhh_tot_ptr + rows3 * stride_dht + k, acc, mask=row_ok3 & k_ok)
+    tl.debug_barrier()
+
+    # 4. hyper cell: -> dÂ (the hyper half of DXP[t]), dĉ_{t-1}
+    _cell_bwd(ahat_ptr, stride_ahat, Hh, chat_prev_ptr, chat_new_ptr, stride_hs,
+              dhh_tot_ptr, stride_dht, dhh_tot_ptr, stride_dht, dch_ptr, dchp_ptr, stride_dch,
+              hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr, mh_ptr, stride_mhb, has_masks,
+              dahat_ptr, stride_dahat, hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,
+              rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, False, BMC, BN)
+
+
+@triton.jit
+def _tile_matmul_kn(acc, a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, cols, col_ok, K,
+                    BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[BM, BN] += a[rows, :K] @ w[:K, cols] (a fp32; w any float dtype, upcast to fp32)."""
+    kk = tl.arange(0, BK)
+    a_ptrs = a_ptr + rows[:, None] * stride_a + kk[None, :]
+    w_ptrs = w_ptr + kk[:, None] * stride_w + cols[None, :]
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + kk) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(a_ptr.dtype.element_ty)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BK
+        w_ptrs += BK * stride_w
+    return acc
+
+
+@triton.jit(do_not_specialize=["t"])
+def hyper_lstm_gates_bwd_kernel(
+    dwh_ptr, stride_dwh,                              # DWH[t] [B, 4H] fp32
+    dahat_ptr, stride_dahat,                          # dÂ [B, 4Hh] fp32
+    w_hh_ptr, stride_whh,                             # weight_hh [4H, H]
+    w_hih_ptr, stride_whih,                           # hyper_weight_ih[:, X:] [4Hh, H] (view)
+    w_hhh_ptr, stride_whhh,                           # hyper_weight_hh [4Hh, Hh]
+    dh_ptr, stride_dh, dhh_ptr, stride_dhh,           # carries dh_t [B, H], dĥ_t [B, Hh] (dead rows)
+    dhp_ptr, dhhp_ptr,                                # out: dh_{t-1} [B, H], dĥ_{t-1} [B, Hh] (same strides)
+    lengths_ptr, t, B, H, Hh, n_main,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < B
+    lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    dead = (t >= lens)[:, None]
+    acc = tl.zeros([BM, BN], dtype=dhp_ptr.dtype.element_ty)
+    if pid_n < n_main:
+        cols = pid_n * BN + tl.arange(0, BN)
+        col_ok = cols < H
+        acc = _tile_matmul_kn(acc, dwh_ptr, stride_dwh, rows, row_ok, w_hh_ptr, stride_whh, cols, col_ok,
+                              4 * H, BK, DOT_PRECISION)
+        acc = _tile_matmul_kn(acc, dahat_ptr, stride_dahat, rows, row_ok, w_hih_ptr, stride_whih, cols, col_ok,
+                              4 * Hh, BK, DOT_PRECISION)
+        m = row_ok[:, None] & col_ok[None, :]
+        carry = tl.load(dh_ptr + rows[:, None] * stride_dh + cols[None, :], mask=m & dead, other=0.0)
+        tl.store(dhp_ptr + rows[:, None] * stride_dh + cols[None, :], acc + carry, mask=m)
+    else:
+        cols = (pid_n - n_main) * BN + tl.arange(0, BN)
+        col_ok = cols < Hh
+        acc = _tile_matmul_kn(acc, dahat_ptr, stride_dahat, rows, row_ok, w_hhh_ptr, stride_whhh, cols, col_ok,
+                              4 * Hh, BK, DOT_PRECISION)
+        m = row_ok[:, None] & col_ok[None, :]
+        carry = tl.load(dhh_ptr + rows[:, None] * stride_dhh + cols[None, :], mask=m & dead, other=0.0)
+        tl.store(dhhp_ptr + rows[:, None] * stride_dhh + cols[None, :], acc + carry, mask=m)
+
+
+# --------------------------------------------------------------------------------------------
+# compile check: every configuration the backward dispatcher can pick
+# --------------------------------------------------------------------------------------------
+
+_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+# parameters and the masks / d out carry the input's dtype; everything else is an fp32 buffer
+_PARAM_PTRS = {"dw_ptr", "zw_ptr", "ln_w_ptr", "ln_b_ptr", "lnc_w_ptr", "lnc_b_ptr", "hln_w_ptr", "hln_b_ptr",
+               "hlnc_w_ptr", "hlnc_b_ptr", "m_ptr", "mh_ptr", "dout_ptr", "w_hh_ptr", "w_hih_ptr", "w_hhh_ptr"}
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "lengths_ptr":
+            sig[name] = "*i32"
+        elif name in _PARAM_PTRS:
+            sig[name] = _PTR[dtype]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in ("forget_bias", "eps"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_configs():
+    """Both backward kernels at every configuration of ``fused_triton``'s backward tables (which
+    depend on the batch size only; BE covers embed sizes up to 64), fp32 / fp16 / bf16, with and
+    without layer norm."""
+    from hyperkern.compile_check import CompileConfig
+    from hyperkern.ops.hyper_lstm.fused_triton import DOT_PRECISION, all_bwd_kernel_configs
+
+    gates, cells = all_bwd_kernel_configs()
+    configs = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for g in gates:
+            cx = {"BM": g.BM, "BN": g.BN, "BK": g.BK, "DOT_PRECISION": DOT_PRECISION}
+            configs.append(CompileConfig(
+                name=f"{dtype} BM{g.BM} BN{g.BN} BK{g.BK}", fn=hyper_lstm_gates_bwd_kernel,
+                signature=_signature(hyper_lstm_gates_bwd_kernel, dtype, cx), constexprs=cx,
+                num_warps=g.num_warps, num_stages=g.num_stages))
+        for c in cells:
+            for be in (4, 64):
+                for layer_norm in (True, False):
+                    cx = {"LAYER_NORM": layer_norm, "BMC": c.BMC, "BN": c.BN, "BE": be, "BZ": c.BZ}
+                    configs.append(CompileConfig(
+                        name=f"{dtype} BMC{c.BMC} BN{c.BN} BE{be} {'LN' if layer_norm else 'noLN'}",
+                        fn=hyper_lstm_cell_bwd_kernel,
+                        signature=_signature(hyper_lstm_cell_bwd_kernel, dtype, cx), constexprs=cx,
+                        num_warps=c.num_warps, num_stages=1))
+    # Triton's JIT turns integer arguments equal to 1 into constexprs (B = 1, E = 1, the mask flag,
+    # t = 1 is not: do_not_specialize): compile that specialisation too, once per kernel.
+    first_cell = next(c for c in configs if c.fn is hyper_lstm_cell_bwd_kernel)
+    for fn, cfg0 in ((hyper_lstm_gates_bwd_kernel, configs[0]), (hyper_lstm_cell_bwd_kernel, first_cell)):
+        ones = [n for n in fn.arg_names if n in ("B", "H", "Hh", "E", "n_main", "has_masks")]
+        sig = {n: ("constexpr" if n in ones else ty) for n, ty in cfg0.signature.items()}
+        configs.append(CompileConfig(
+            name=cfg0.name + " ints=1", fn=fn, signature=sig, constexprs={**cfg0.constexprs, **{n: 1 for n in ones}},
+            num_warps=cfg0.num_warps, num_stages=cfg0.num_stages))
+    return configs
