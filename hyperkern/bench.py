@@ -161,15 +161,14 @@ def main(out: str = "bench-results", quick: bool = False, cases=None) -> int:
         rows += run_case(case, repeats=3 if quick else 7, device=device)
     print(format_rows(rows))
     result = {"machine": machine, "device": device, "measured": rows}
-    try:
-        from hyperkern import perf_model
-    except ImportError:
-        perf_model = None
-    if perf_model is not None:
-        print()
-        model_rows = perf_model.rows()
-        print(perf_model.format_table(model_rows))
-        result["gpu_model"] = model_rows
+    from hyperkern import perf_model  # pure Python: never imports Triton
+
+    print()
+    result["gpu_model"] = perf_model.rows()
+    print(perf_model.format_table(result["gpu_model"]))
+    print()
+    result["gpu_model_backward"] = perf_model.rows_bwd()
+    print(perf_model.format_table_bwd(result["gpu_model_backward"]))
     from hyperkern.ops.static_gen import bench_rows, format_bench_rows
 
     print("\nStatic hypernetwork: every 3x3 kernel of WRN-40-1 (242 tiles), one generation, fp32")
