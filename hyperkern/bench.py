@@ -93,7 +93,7 @@ def run_case(case: Case, backends=("torch",), repeats: int = 5, device="cpu") ->
     for mode, make in modes:
         fns = {"nn.LSTM": make(lstm, x)}
         for b in backends:
-            m = hyper if b == backends[0] else _with_backend(hyper, b)
+            m = hyper if b == backends[0] else with_backend(hyper, b)
             fns[f"HyperLSTM[{b}]"] = make(m, x)
         times = time_interleaved(fns, repeats, device)
         base = times["nn.LSTM"]
@@ -108,10 +108,12 @@ def run_case(case: Case, backends=("torch",), repeats: int = 5, device="cpu") ->
     return rows
 
 
-def _with_backend(model, backend):
+def with_backend(model, backend):
+    """The same weights under another backend (a shallow module copy; parameters are shared)."""
     import copy
 
-    m = copy.deepcopy(model)
+    m = copy.copy(model)
+    m._modules = dict(model._modules)  # own module dict, so setting backend leaves the original alone
     m.backend = backend
     return m
 
@@ -175,9 +177,18 @@ def main(out: str = "bench-results", quick: bool = False, cases=None) -> int:
     static_rows = bench_rows(repeats=3 if quick else 7) + bench_rows(repeats=3 if quick else 7, backward=True)
     print(format_bench_rows(static_rows))
     result["static"] = static_rows
+
+    from hyperkern import report
+
+    print("\nTime per token against sequence length and hidden size (measured, interleaved with nn.LSTM)")
+    result["sweep"] = report.sweep(device=device, **(report.QUICK if quick else {}))
+    print(report.format_sweep(result["sweep"]))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "bench.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nwrote {path}")
+    png = report.plot(path, os.path.join(out, "bench.png"))
+    if png:
+        print(f"wrote {png}")
     return 0
