@@ -141,6 +141,16 @@ class _Linear:
         return torch.mm(x, self.Wt)
 
 
+def _scratch(buf: Tensor, *shape: int) -> Tensor:
+    """A contiguous ``shape`` view of the front of a flat per-call buffer. Step temporaries live
+    in buffers allocated once: a fresh allocation per step costs page faults (measured here:
+    ~150 µs per fresh 512 KB block against ~12 µs reused)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return buf[:n].view(shape)
+
+
 def _alive(n: int, B: int, *views):
     """The first n rows (the sequences still running) of each ``[B, ...]`` view (None passes)."""
     if n == B:
@@ -174,6 +184,7 @@ class _HyperLSTMSequence(torch.autograd.Function):
         Cm, Ch = x.new_empty(T + 1, B, H), x.new_empty(T + 1, B, K)  # c_t, c_hat_t
         HS[0, :, :H], HS[0, :, H:], Cm[0], Ch[0] = h0, hh0, c0, ch0
         ZT = x.new_empty(T, 12, B, E)  # embeddings, path-major (the bmm's layout)
+        d_buf = x.new_empty(12 * B * H)  # the step's scaling vectors (recomputed in the backward)
         hs, h_v, hh_v = HS.unbind(0), HS[..., :H].unbind(0), HS[..., H:].unbind(0)
         cm, ch, zt_v = Cm.unbind(0), Ch.unbind(0), ZT.unbind(0)
         main, hyper = _cells(cfg, p, x)
@@ -194,7 +205,8 @@ class _HyperLSTMSequence(torch.autograd.Function):
             z = torch.addmm(zb, h_hat, z_w_t)  # [n, 12E], from the NEW h_hat
             zt = zt_v[t] if n == B else zt_v[t][:, :n]
             zt.copy_(z.view(n, 12, E).transpose(0, 1))
-            d_x, d_h, beta = torch.bmm(zt, d_w_t).view(3, 4, n, H).transpose(1, 2).unbind(0)  # [n, 4, H] each
+            d = torch.bmm(zt, d_w_t, out=_scratch(d_buf, 12, n, H))
+            d_x, d_h, beta = d.view(3, 4, n, H).transpose(1, 2).unbind(0)  # [n, 4, H] each
             wh = lin_hh(h_prev).view(n, 4, H)
             a = torch.add(beta, bias4, out=x.new_empty(n, 4, H))  # contiguous, whatever d's layout
             a.addcmul_(d_x, xpm).addcmul_(d_h, wh)
@@ -247,6 +259,7 @@ class _HyperLSTMSequence(torch.autograd.Function):
         dxp_main = DXP[..., :4 * H].unflatten(-1, (4, H)).unbind(0)
         dxp_hyper, dwh_v, dz_v = DXP[..., 4 * H:].unbind(0), DWH.unbind(0), DZ.unbind(0)
         dd_weight = torch.zeros_like(d_w)
+        d_buf, dd_buf = x.new_empty(8 * B * H), x.new_empty(12 * B * H)
         das, dgs_main, dcns_main, dgs_hyper, dcns_hyper = [], [], [], [], []
 
         for t in reversed(range(T)):
@@ -260,10 +273,11 @@ class _HyperLSTMSequence(torch.autograd.Function):
             dgs_main.append(dg)
             dcns_main.append(dcn)
             # a = d_x ⊙ wx + d_h ⊙ wh + bias + beta
-            d_x, d_h = torch.bmm(zt[:8], d_w_t[:8]).view(2, 4, n, H).transpose(1, 2).unbind(0)
+            d = torch.bmm(zt[:8], d_w_t[:8], out=_scratch(d_buf, 8, n, H))
+            d_x, d_h = d.view(2, 4, n, H).transpose(1, 2).unbind(0)
             torch.mul(da, d_x, out=dxpm)
             torch.mul(da, d_h, out=dwh)
-            dd = x.new_empty(12, n, H)  # d/d(scaling vectors), paths x, h, bias
+            dd = _scratch(dd_buf, 12, n, H)  # d/d(scaling vectors), paths x, h, bias
             dd_x, dd_h, dd_b = dd.view(3, 4, n, H).transpose(1, 2).unbind(0)
             torch.mul(da, xpm, out=dd_x)
             torch.mul(da, whs[t], out=dd_h)
