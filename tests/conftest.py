@@ -35,3 +35,31 @@ def rel_err(got, want) -> float:
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a shared 2-core machine an oversubscribed
+    OpenMP pool makes each small parallel op (native_layer_norm) cost ~1 ms instead of ~5 µs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_compile_check(filters, tmp_path):
+    """``python -m hyperkern compile-check --filter F ...`` in a subprocess with the interpreter
+    off (the check needs real JITFunctions); asserts exit 0 and returns (rows, stdout)."""
+    import json
+    import subprocess
+    import sys
+
+    out_json = tmp_path / "cc.json"
+    cmd = [sys.executable, "-m", "hyperkern", "compile-check"]
+    for f in filters:
+        cmd += ["--filter", f]
+    cmd += ["--json", str(out_json)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(out_json.read_text()), res.stdout

@@ -7,7 +7,6 @@ check must fail it), the static kernels' heaviest configurations (must pass), an
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import textwrap
 
 import pytest
 
+from conftest import run_compile_check
 from hyperkern import compile_check as cc
 
 pytest.importorskip("triton")
@@ -81,21 +81,13 @@ STATIC_SUBSET = (
 
 def test_static_kernels_compile_without_spills(tmp_path):
     """The CLI on the heaviest static-generation configs, for sm_80 and sm_90."""
-    out_json = tmp_path / "cc.json"
-    cmd = [sys.executable, "-m", "hyperkern", "compile-check", "--"]
-    for f in STATIC_SUBSET:
-        cmd += ["--filter", f]
-    cmd += ["--json", str(out_json)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows = json.loads(out_json.read_text())
+    rows, stdout = run_compile_check(STATIC_SUBSET, tmp_path)
     assert sorted((r["kernel"], r["config"], r["arch"]) for r in rows) == sorted(
         (f.split(" [")[0], f.split(" [")[1].rstrip("]"), arch) for f in STATIC_SUBSET for arch in (80, 90))
     for r in rows:
         assert r["error"] is None and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255 and 0 < r["shared"] <= cc.SMEM_LIMIT[r["arch"]]
-    assert "0 failed" in res.stdout
+    assert "0 failed" in stdout
 
 
 def test_no_matching_config_is_an_error():

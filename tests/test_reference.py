@@ -24,14 +24,7 @@ from hyperkern.testing import randomize_
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes gain nothing from threads, and on a shared 2-core machine an oversubscribed
-    # OpenMP pool makes each small parallel op (native_layer_norm) cost ~1 ms instead of ~5 us.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -27,14 +27,7 @@ F64 = torch.float64
 X, H, Hh, E, B, T = 7, 33, 10, 3, 3, 5  # odd, non-power-of-two sizes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small shapes gain nothing from threads; on a shared 2-core machine an oversubscribed OpenMP
-    # pool makes every small parallel op (native_layer_norm) cost ~1 ms instead of ~5 us.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -374,10 +374,7 @@ def test_compile_check_backward_subset(tmp_path):
     """The heaviest backward configurations (largest tiles, most registers, widest BE) for sm_80
     and sm_90: compile, 0 spills, shared memory under the limit. ``python -m hyperkern
     compile-check`` covers all 70 backward configurations."""
-    import json
-    import subprocess
-    import sys
-
+    from conftest import run_compile_check
     from hyperkern.ops.hyper_lstm.fused_triton import all_bwd_kernel_configs
 
     gates, cells = all_bwd_kernel_configs()
@@ -388,15 +385,7 @@ def test_compile_check_backward_subset(tmp_path):
         f"hyper_lstm_cell_bwd_kernel [fp32 BMC{c_row.BMC} BN{c_row.BN} BE64 LN]",  # longest chunks
         f"hyper_lstm_cell_bwd_kernel [fp16 BMC{c_big.BMC} BN{c_big.BN} BE64 noLN]",
     )
-    out_json = tmp_path / "cc.json"
-    cmd = [sys.executable, "-m", "hyperkern", "compile-check", "--"]
-    for f in subset:
-        cmd += ["--filter", f]
-    cmd += ["--json", str(out_json)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows = json.loads(out_json.read_text())
+    rows, _ = run_compile_check(subset, tmp_path)
     assert len(rows) == 2 * len(subset)
     assert {r["arch"] for r in rows} == {80, 90}
     for r in rows:

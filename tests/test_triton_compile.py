@@ -6,14 +6,12 @@ configurations of each kernel (largest tiles, most registers) and checks its ver
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
+from conftest import run_compile_check
+
 pytest.importorskip("triton")
+
 
 def _subset():
     """The heaviest configurations of each kernel, named from the dispatcher's own tables."""
@@ -30,16 +28,8 @@ def _subset():
 
 
 def test_compile_check_subset(tmp_path):
-    out_json = tmp_path / "cc.json"
     SUBSET = _subset()
-    cmd = [sys.executable, "-m", "hyperkern", "compile-check", "--"]
-    for f in SUBSET:
-        cmd += ["--filter", f]
-    cmd += ["--json", str(out_json)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    rows = json.loads(out_json.read_text())
+    rows, stdout = run_compile_check(SUBSET, tmp_path)
     assert len(rows) == 2 * len(SUBSET)  # each filter matches exactly one config, for sm_80 and sm_90
     assert {r["arch"] for r in rows} == {80, 90}
     for r in rows:
@@ -47,4 +37,4 @@ def test_compile_check_subset(tmp_path):
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255
         assert r["shared"] <= {80: 166_912, 90: 232_448}[r["arch"]]
-    assert "hyper_lstm_cell_kernel" in res.stdout and "0 failed" in res.stdout
+    assert "hyper_lstm_cell_kernel" in stdout and "0 failed" in stdout
