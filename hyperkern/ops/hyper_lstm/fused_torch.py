@@ -20,7 +20,7 @@ length, so at step t only the first ``n_t`` rows are alive; the rest keep their 
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +40,24 @@ def _active_counts(lengths: Lengths, T: int, B: int) -> List[int]:
     if lengths is None:
         return [B] * T
     return [int(n) for n in (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).sum(1)]
+
+
+class _Saved(NamedTuple):
+    """What one cell's step keeps for its backward."""
+
+    a: Tensor  # pre-activations [n, 4, K] (before the per-gate LN)
+    mean: Optional[Tensor]  # per-gate LN statistics [n, 4, 1]
+    rstd: Optional[Tensor]
+    an: Optional[Tensor]  # normalised gates [n, 4, K]
+    s: Tensor  # σ of every gate slot [n, 4, K] (slot 2 unused)
+    tg: Tensor  # tanh(g) [n, K]
+    tgm: Tensor  # tanh(g) after the recurrent-dropout mask
+    c_prev: Tensor
+    c: Tensor  # c_t (a view of the sequence buffer)
+    c_mean: Optional[Tensor]  # LN(c) statistics [n, 1]
+    c_rstd: Optional[Tensor]
+    tc: Tensor  # tanh(LN(c_t))
+    mask: Optional[Tensor]
 
 
 class _GatedCell:
@@ -79,9 +97,9 @@ class _GatedCell:
             c_mean = c_rstd = None
         tc = torch.tanh(cn)
         torch.mul(s_o, tc, out=h_out)
-        return a, mean, rstd, an, s, tg, tgm, c_prev, c_out, c_mean, c_rstd, tc, mask
+        return _Saved(a, mean, rstd, an, s, tg, tgm, c_prev, c_out, c_mean, c_rstd, tc, mask)
 
-    def backward(self, dh: Tensor, dc: Tensor, saved):
+    def backward(self, dh: Tensor, dc: Tensor, saved: _Saved):
         """Returns (d pre-activations [n, 4, K], d c_prev, d post-LN gates, d LN(c))."""
         a, mean, rstd, an, s, tg, tgm, c_prev, c, c_mean, c_rstd, tc, mask = saved
         K = self.K
@@ -107,7 +125,7 @@ class _GatedCell:
             da = dg
         return da, dc * s[:, 1], dg, dcn
 
-    def param_grads(self, dgs: List[Tensor], dcns: List[Tensor], saved: List[tuple]):
+    def param_grads(self, dgs: List[Tensor], dcns: List[Tensor], saved: List[_Saved]):
         """LN affine gradients over all steps at once (after the reverse loop).
 
         ``dgs``/``dcns`` come in reverse time order (as the loop produced them), ``saved`` forward.
@@ -116,9 +134,9 @@ class _GatedCell:
             return ()
         dgs, dcns = dgs[::-1], dcns[::-1]
         dg = torch.cat(dgs)
-        an = torch.cat([sv[3] for sv in saved])
+        an = torch.cat([sv.an for sv in saved])
         dcn = torch.cat(dcns)
-        c_hat = torch.cat([(sv[8] - sv[9]) * sv[10] for sv in saved])
+        c_hat = torch.cat([(sv.c - sv.c_mean) * sv.c_rstd for sv in saved])
         return (dg * an).sum(0), dg.sum(0), (dcn * c_hat).sum(0), dcn.sum(0)
 
 
