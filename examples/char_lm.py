@@ -21,7 +21,7 @@ carried from one ``--seq-len`` segment to the next and detached.
     python examples/char_lm.py --model hyper --hidden 1000 --hyper-size 128 --steps 20000   # larger
 
 On a CUDA machine the models train on the GPU; the HyperLSTM's "auto" backend uses the Triton
-kernels for evaluation and sampling (inference) and the PyTorch backend for training.
+kernels (forward and backward).
 """
 from __future__ import annotations
 
@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed-size", type=int, default=4, help="HyperLSTM embedding size E (z)")
     g.add_argument("--emb-dim", type=int, default=64, help="byte embedding size (input to both RNNs)")
     g.add_argument("--no-layer-norm", dest="layer_norm", action="store_false",
-                   help="HyperLSTM without layer norm (default: layer-normed, as the paper's best models)")
+                   help="HyperLSTM without layer norm (without this flag: layer-normed, as the paper's best models)")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "reference"),
-                   help="HyperLSTM backend (auto: triton for inference on CUDA, else torch)")
+                   help="HyperLSTM backend (auto: triton on CUDA, else torch)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=2500, help="optimizer steps per model")
     g.add_argument("--time-budget", type=float, default=None,
@@ -162,8 +162,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--device {args.device} asked for, but no CUDA device is visible")
     if args.backend == "triton" and dev.type != "cuda":
         parser.error("--backend triton needs --device cuda (the Triton kernels run on the GPU)")
-    if args.backend == "triton" and args.sample is None:
-        parser.error("--backend triton is forward-only (no backward yet); train with --backend auto or torch")
     return args
 
 
