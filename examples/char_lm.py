@@ -497,21 +497,12 @@ def format_table(results: Sequence[Dict]) -> str:
 
 
 def machine_line(args) -> str:
+    from hyperkern.bench import machine_description
+
     dev = torch.device(args.device)
-    if dev.type == "cuda":
-        where = torch.cuda.get_device_name(dev)
-    else:
-        where = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        where = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-    return (f"{where} ({dev.type}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+    m = machine_description()
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else m["cpu"]
+    return f"{where} ({dev.type}, {m['threads']} threads), torch {m['torch']}, Python {m['python']}"
 
 
 def run(argv: Optional[Sequence[str]] = None, log=print) -> Dict:

@@ -63,3 +63,15 @@ def run_compile_check(filters, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     return json.loads(out_json.read_text()), res.stdout
+
+
+def count_launches(monkeypatch, kernels):
+    """Record the name of every launch of the given ``@triton.jit`` kernels (by wrapping ``run``)."""
+    counts = []
+    for fn in kernels:
+        def run(*args, _orig=fn.run, _name=fn.__name__, **kw):
+            counts.append(_name)
+            return _orig(*args, **kw)
+
+        monkeypatch.setattr(fn, "run", run)
+    return counts

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from conftest import GRAD_TOL_FP32, rel_err
+from conftest import GRAD_TOL_FP32, count_launches, rel_err
 from hyperkern import HyperLSTM
 from hyperkern.ops.hyper_lstm import naive
 from hyperkern.ops.hyper_lstm.common import CellConfig
@@ -219,18 +219,8 @@ def _count_launches(monkeypatch):
     from hyperkern.kernels import hyper_lstm_bwd as kb
     from hyperkern.kernels import hyper_lstm_fwd as kf
 
-    counts = []
-    for mod, name in ((kf, "hyper_lstm_gates_kernel"), (kf, "hyper_lstm_cell_kernel"),
-                      (kb, "hyper_lstm_cell_bwd_kernel"), (kb, "hyper_lstm_gates_bwd_kernel")):
-        fn = getattr(mod, name)
-        orig = fn.run
-
-        def run(*args, _orig=orig, _name=name, **kw):
-            counts.append(_name)
-            return _orig(*args, **kw)
-
-        monkeypatch.setattr(fn, "run", run)
-    return counts
+    return count_launches(monkeypatch, (kf.hyper_lstm_gates_kernel, kf.hyper_lstm_cell_kernel,
+                                        kb.hyper_lstm_cell_bwd_kernel, kb.hyper_lstm_gates_bwd_kernel))
 
 
 def test_backward_launches_per_step(monkeypatch):

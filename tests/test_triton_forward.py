@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import TOL, rel_err
+from conftest import TOL, count_launches, rel_err
 from hyperkern import HyperLSTM
 from hyperkern.ops import hyper_lstm as op
 from hyperkern.ops.hyper_lstm import naive
@@ -222,17 +222,7 @@ def test_masks_matter():
 def _count_launches(monkeypatch):
     from hyperkern.kernels import hyper_lstm_fwd as k
 
-    counts = []
-    for name in ("hyper_lstm_gates_kernel", "hyper_lstm_cell_kernel"):
-        fn = getattr(k, name)
-        orig = fn.run
-
-        def run(*args, _orig=orig, _name=name, **kw):
-            counts.append(_name)
-            return _orig(*args, **kw)
-
-        monkeypatch.setattr(fn, "run", run)
-    return counts
+    return count_launches(monkeypatch, (k.hyper_lstm_gates_kernel, k.hyper_lstm_cell_kernel))
 
 
 def test_launches_per_step(monkeypatch):
