@@ -6,7 +6,6 @@ inter-layer dropout and recurrent-dropout masks. The maths lives in ``hyperkern.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch

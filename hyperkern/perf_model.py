@@ -321,7 +321,7 @@ def predict_bwd(s: Shape, dtype: str) -> Dict[str, float]:
     km = kernel_model_bwd(s, dtype)
     fl = flops_per_step_bwd(s)
     loop = sum(_kernel_time(km[k], dtype, p["launch_graph"]) for k in ("cell_bwd", "gates_bwd"))
-    B, X, H, Hh, E, T = s.B, s.X, s.H, s.Hh, s.E, s.T
+    B, H, Hh, E, T = s.B, s.H, s.Hh, s.E, s.T
     post_bytes = T * B * (4 * (4 * H + 4 * Hh) * 3 + 4 * 4 * H * 4 + 12 * E * 4 + (2 * H + 2 * Hh) * 4 * 2)
     post = (8 * p["launch_host"] + max(post_bytes / p["hbm_bw"], T * fl["post"] / p["flops"][dtype])) / T
     fwd = kernel_model(s, dtype)

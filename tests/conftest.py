@@ -75,3 +75,18 @@ def count_launches(monkeypatch, kernels):
 
         monkeypatch.setattr(fn, "run", run)
     return counts
+
+
+def layer_pair(dtype, backend, device="cpu", seed=0, **kw):
+    """(float64 reference ``HyperLSTM`` with fresh random parameters, the same parameters in
+    ``dtype`` on ``device`` under ``backend``)."""
+    import copy
+
+    from hyperkern import HyperLSTM
+    from hyperkern.testing import randomize_
+
+    ref = HyperLSTM(**kw, dtype=torch.float64, backend="reference")
+    randomize_(ref, torch.Generator().manual_seed(seed))
+    fast = copy.deepcopy(ref).to(device=device, dtype=dtype)
+    fast.backend = backend
+    return ref, fast

@@ -8,13 +8,12 @@ guard zones around every buffer, launch counting and bitwise determinism.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
 import torch
 
-from conftest import GRAD_TOL_FP32, count_launches, rel_err
+from conftest import GRAD_TOL_FP32, count_launches, layer_pair, rel_err
 from hyperkern import HyperLSTM
 from hyperkern.ops.hyper_lstm import naive
 from hyperkern.ops.hyper_lstm.common import CellConfig
@@ -37,11 +36,8 @@ ODD = dict(input_size=7, hidden_size=33, hyper_size=10, embed_size=3)
 # --- helpers ---------------------------------------------------------------------------------
 
 def _pair(dtype, seed=0, **kw):
-    ref = HyperLSTM(**kw, dtype=torch.float64, backend="reference")
-    randomize_(ref, torch.Generator().manual_seed(seed))
-    fast = copy.deepcopy(ref).to(device=DEVICE, dtype=dtype)
-    fast.backend = "triton"
-    return ref, fast
+    """(float64 reference layer, the same parameters in ``dtype`` with backend='triton')."""
+    return layer_pair(dtype, "triton", DEVICE, seed, **kw)
 
 
 def _layer_grads(layer, x, state, lengths, dtype, seed):

@@ -7,14 +7,12 @@ are kept to tens of programs (the interpreter costs ~1.5 ms per program instance
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
 import torch
 
-from conftest import TOL, count_launches, rel_err
-from hyperkern import HyperLSTM
+from conftest import TOL, count_launches, layer_pair, rel_err
 from hyperkern.ops import hyper_lstm as op
 from hyperkern.ops.hyper_lstm import naive
 from hyperkern.ops.hyper_lstm.common import CellConfig
@@ -36,11 +34,7 @@ ODD = dict(input_size=7, hidden_size=33, hyper_size=10, embed_size=3)
 
 def _pair(dtype, seed=0, **kw):
     """(float64 reference layer, the same parameters in ``dtype`` with backend='triton')."""
-    ref = HyperLSTM(**kw, dtype=torch.float64, backend="reference")
-    randomize_(ref, torch.Generator().manual_seed(seed))
-    fast = copy.deepcopy(ref).to(device=DEVICE, dtype=dtype)
-    fast.backend = "triton"
-    return ref, fast
+    return layer_pair(dtype, "triton", DEVICE, seed, **kw)
 
 
 def _states(L, B, H, Hh, seed=1):

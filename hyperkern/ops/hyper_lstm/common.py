@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 GATES = ("i", "f", "g", "o")  # nn.LSTM order, everywhere

@@ -38,7 +38,6 @@ def cell_step(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, masks=(No
     """One step of one HyperLSTM cell. Returns the new state (h, c, h_hat, c_hat)."""
     h, c, h_hat, c_hat = state
     H, Hh, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
-    ln = cfg.layer_norm
     mask_main, mask_hyper = masks
 
     # 1. hyper cell over x̂ = [x ; h_{t-1}]

@@ -34,7 +34,7 @@ def _gemms(z, w_in, b_in, w_out, b_out):
 
 
 def static_gen(z, w_in, b_in, w_out, b_out, plan: TilePlan) -> List[torch.Tensor]:
-    k, kk, No, Ni = plan.kernel_size, plan.kk, plan.block_out, plan.block_in
+    k, No, Ni = plan.kernel_size, plan.block_out, plan.block_in
     s = _gemms(z, w_in, b_in, w_out, b_out).view(plan.n_tiles, Ni, No, k, k)
     if plan.layer_shapes is None:
         return [s.permute(0, 2, 1, 3, 4).contiguous()]
