@@ -90,3 +90,28 @@ def layer_pair(dtype, backend, device="cpu", seed=0, **kw):
     fast = copy.deepcopy(ref).to(device=device, dtype=dtype)
     fast.backend = backend
     return ref, fast
+
+
+def cell_params(cfg, seed: int):
+    """float64 parameters of one cell (fresh random, non-initial), as the functional op takes them."""
+    from hyperkern import HyperLSTMCell
+    from hyperkern.testing import randomize_
+
+    cell = HyperLSTMCell(cfg.input_size, cfg.hidden_size, cfg.hyper_size, cfg.embed_size, cfg.layer_norm,
+                         cfg.forget_bias, cfg.ln_eps, dtype=torch.float64)
+    randomize_(cell, torch.Generator().manual_seed(seed))
+    return {n: p.detach() for n, p in cell.params().items()}
+
+
+def sequence_inputs(cfg, T: int, B: int, seed: int, dropout: float = 0.0):
+    """float64 ``x [T, B, X]``, an initial state and (with ``dropout``) inverted recurrent-dropout masks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, cfg.input_size, generator=g, dtype=torch.float64)
+    st = tuple(0.5 * torch.randn(B, n, generator=g, dtype=torch.float64)
+               for n in (cfg.hidden_size, cfg.hidden_size, cfg.hyper_size, cfg.hyper_size))
+    masks = None
+    if dropout:
+        keep = 1.0 - dropout
+        masks = tuple(torch.bernoulli(torch.full((T, B, n), keep, dtype=torch.float64), generator=g) / keep
+                      for n in (cfg.hidden_size, cfg.hyper_size))
+    return x, st, masks

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import GRAD_TOL_FP32, count_launches, layer_pair, rel_err
+from conftest import GRAD_TOL_FP32, cell_params, count_launches, layer_pair, rel_err, sequence_inputs
 from hyperkern import HyperLSTM
 from hyperkern.ops.hyper_lstm import naive
 from hyperkern.ops.hyper_lstm.common import CellConfig
@@ -118,8 +118,8 @@ def test_multi_chunk_rows_and_block_configs(B, kw):
     row of the backward dispatcher's cell table, with variable lengths."""
     T = 2
     cfg = CellConfig(**kw)
-    p = _cell_params(cfg, 41)
-    x, st, _ = _inputs(cfg, T, B, 42)
+    p = cell_params(cfg, 41)
+    x, st, _ = sequence_inputs(cfg, T, B, 42)
     lengths = torch.sort(torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(43)),
                          descending=True).values
     lengths[0] = T
@@ -129,28 +129,6 @@ def test_multi_chunk_rows_and_block_configs(B, kw):
 
 
 # --- the backend entry points: masks, NaN guard zones, launches, determinism -------------------
-
-def _cell_params(cfg: CellConfig, seed: int):
-    from hyperkern import HyperLSTMCell
-
-    cell = HyperLSTMCell(cfg.input_size, cfg.hidden_size, cfg.hyper_size, cfg.embed_size, cfg.layer_norm,
-                         cfg.forget_bias, cfg.ln_eps, dtype=torch.float64)
-    randomize_(cell, torch.Generator().manual_seed(seed))
-    return {n: p.detach() for n, p in cell.params().items()}
-
-
-def _inputs(cfg, T, B, seed, dropout=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, B, cfg.input_size, generator=g, dtype=torch.float64)
-    st = tuple(0.5 * torch.randn(B, n, generator=g, dtype=torch.float64)
-               for n in (cfg.hidden_size, cfg.hidden_size, cfg.hyper_size, cfg.hyper_size))
-    masks = None
-    if dropout:
-        keep = 1.0 - dropout
-        masks = tuple(torch.bernoulli(torch.full((T, B, n), keep, dtype=torch.float64), generator=g) / keep
-                      for n in (cfg.hidden_size, cfg.hyper_size))
-    return x, st, masks
-
 
 def _upstream(T, B, cfg, seed):
     g = torch.Generator().manual_seed(seed)
@@ -179,8 +157,8 @@ def test_nan_guard_zones_lengths_and_dropout_masks(layer_norm):
     and variable length; gradients against float64 reference autograd."""
     cfg = CellConfig(**ODD, layer_norm=layer_norm, forget_bias=0.4, ln_eps=1e-2)
     T, B = 4, 3
-    p = _cell_params(cfg, 45)
-    x, st, masks = _inputs(cfg, T, B, 46, dropout=0.4)
+    p = cell_params(cfg, 45)
+    x, st, masks = sequence_inputs(cfg, T, B, 46, dropout=0.4)
     lengths = torch.tensor([4, 3, 1])
     want = _backend_grads(naive.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float64, 47)
 
@@ -204,8 +182,8 @@ def test_nan_guard_zones_lengths_and_dropout_masks(layer_norm):
 def test_dropout_masks_matter_in_backward():
     """A test that could not fail would be a defect: the backward must use the masks."""
     cfg = CellConfig(**ODD)
-    p = _cell_params(cfg, 48)
-    x, st, masks = _inputs(cfg, 3, 2, 49, dropout=0.5)
+    p = cell_params(cfg, 48)
+    x, st, masks = sequence_inputs(cfg, 3, 2, 49, dropout=0.5)
     a = _backend_grads(fused_triton.hyper_lstm_sequence, x, st, p, cfg, None, masks, torch.float32, 50)
     b = _backend_grads(fused_triton.hyper_lstm_sequence, x, st, p, cfg, None, None, torch.float32, 50)
     assert rel_err(a["weight_hh"].cpu(), b["weight_hh"].cpu()) > 1e-2
@@ -224,10 +202,10 @@ def test_backward_launches_per_step(monkeypatch):
     launched outside the loop."""
     counts = _count_launches(monkeypatch)
     cfg = CellConfig(input_size=5, hidden_size=16, hyper_size=8, embed_size=2)
-    p = _cell_params(cfg, 51)
+    p = cell_params(cfg, 51)
     per_T = {}
     for T in (3, 6):
-        x, st, _ = _inputs(cfg, T, 2, 52)
+        x, st, _ = sequence_inputs(cfg, T, 2, 52)
         cv = lambda t: t.to(DEVICE, torch.float32).requires_grad_()  # noqa: E731
         xs, ps = cv(x), {n: cv(v) for n, v in p.items()}
         out, fin = fused_triton.hyper_lstm_sequence(xs, tuple(s.to(DEVICE, torch.float32) for s in st), ps, cfg)
@@ -244,8 +222,8 @@ def test_backward_is_bitwise_deterministic():
     """Two backward passes over the same graph (retain_graph) and a second forward+backward give
     bitwise-identical gradients: no atomics, fixed reduction orders."""
     cfg = CellConfig(**ODD)
-    p = _cell_params(cfg, 53)
-    x, st, masks = _inputs(cfg, 4, 3, 54, dropout=0.3)
+    p = cell_params(cfg, 53)
+    x, st, masks = sequence_inputs(cfg, 4, 3, 54, dropout=0.3)
     cv = lambda t: t.to(DEVICE, torch.float32).requires_grad_()  # noqa: E731
     xs, ss, ps = cv(x), tuple(map(cv, st)), {n: cv(v) for n, v in p.items()}
     ms = tuple(m.to(DEVICE, torch.float32) for m in masks)
@@ -312,8 +290,8 @@ def test_recompute_mode_bitwise_equal_and_saves_less(monkeypatch):
     """Recompute mode keeps only the states; its backward re-runs the forward kernels per step
     (4 launches per step) and gives bitwise the same gradients as the default mode."""
     cfg = CellConfig(**ODD)
-    p = _cell_params(cfg, 58)
-    x, st, masks = _inputs(cfg, 3, 3, 59, dropout=0.3)
+    p = cell_params(cfg, 58)
+    x, st, masks = sequence_inputs(cfg, 3, 3, 59, dropout=0.3)
     lengths = torch.tensor([3, 2, 1])
     full = _backend_grads(fused_triton.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float32, 60)
     counts = _count_launches(monkeypatch)
@@ -338,8 +316,8 @@ def test_recompute_mode_bitwise_equal_and_saves_less(monkeypatch):
 def test_recompute_mode_with_guards():
     cfg = CellConfig(**ODD, layer_norm=False)
     T, B = 3, 2
-    p = _cell_params(cfg, 61)
-    x, st, masks = _inputs(cfg, T, B, 62, dropout=0.3)
+    p = cell_params(cfg, 61)
+    x, st, masks = sequence_inputs(cfg, T, B, 62, dropout=0.3)
     lengths = torch.tensor([3, 2])
     want = _backend_grads(naive.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float64, 63)
     f32 = lambda t: t.to(DEVICE, torch.float32)  # noqa: E731
@@ -396,8 +374,8 @@ def test_perf_model_backward_rows():
     s = pm.Shape("t", X=7, H=33, Hh=10, E=3, B=3, T=4)
     cfg = CellConfig(7, 33, 10, 3)
     f32 = lambda t: t.to(DEVICE, torch.float32)  # noqa: E731
-    x, st, _ = _inputs(cfg, s.T, s.B, 64)
-    p = {n: f32(v) for n, v in _cell_params(cfg, 65).items()}
+    x, st, _ = sequence_inputs(cfg, s.T, s.B, 64)
+    p = {n: f32(v) for n, v in cell_params(cfg, 65).items()}
     for mode in ("full", "states"):
         saved = fused_triton.run_sequence(f32(x), tuple(map(f32, st)), p, cfg, save=mode)[2].saved
         kept = sum(t.numel() * t.element_size() for n, t in saved.items()
@@ -421,8 +399,8 @@ def test_gradcheck_float64_through_the_kernels():
     forwards (~3 min); the float64 comparison below covers every entry."""
     cfg = CellConfig(input_size=2, hidden_size=3, hyper_size=2, embed_size=1, layer_norm=False)
     T, B = 2, 2
-    p = _cell_params(cfg, 66)
-    x, st, masks = _inputs(cfg, T, B, 67, dropout=0.3)
+    p = cell_params(cfg, 66)
+    x, st, masks = sequence_inputs(cfg, T, B, 67, dropout=0.3)
     lengths = torch.tensor([2, 1])
     names = list(p)
 
@@ -442,8 +420,8 @@ def test_float64_kernels_match_reference_to_1e12():
     """With float64 state and accumulators the kernels agree with the float64 reference to
     rounding (so the fp32 tolerances above measure fp32 rounding, not a wrong formula)."""
     cfg = CellConfig(**ODD)
-    p = _cell_params(cfg, 68)
-    x, st, masks = _inputs(cfg, 3, 3, 69, dropout=0.3)
+    p = cell_params(cfg, 68)
+    x, st, masks = sequence_inputs(cfg, 3, 3, 69, dropout=0.3)
     lengths = torch.tensor([3, 3, 1])
     want = _backend_grads(naive.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float64, 70)
     with fused_triton.float64_interpreter():

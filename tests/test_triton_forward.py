@@ -12,11 +12,10 @@ import os
 import pytest
 import torch
 
-from conftest import TOL, count_launches, layer_pair, rel_err
+from conftest import TOL, cell_params, count_launches, layer_pair, rel_err, sequence_inputs
 from hyperkern.ops import hyper_lstm as op
 from hyperkern.ops.hyper_lstm import naive
 from hyperkern.ops.hyper_lstm.common import CellConfig
-from hyperkern.testing import randomize_
 
 triton = pytest.importorskip("triton")
 
@@ -149,28 +148,6 @@ def test_unbatched_and_batch_first_fp32():
 
 # --- the backend entry point: masks, NaN guard zones, launches ---------------------------------
 
-def _cell_params(cfg: CellConfig, seed: int):
-    from hyperkern import HyperLSTMCell
-
-    cell = HyperLSTMCell(cfg.input_size, cfg.hidden_size, cfg.hyper_size, cfg.embed_size, cfg.layer_norm,
-                         cfg.forget_bias, cfg.ln_eps, dtype=torch.float64)
-    randomize_(cell, torch.Generator().manual_seed(seed))
-    return {n: p.detach() for n, p in cell.params().items()}
-
-
-def _inputs(cfg, T, B, seed, lengths=None, dropout=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, B, cfg.input_size, generator=g, dtype=torch.float64)
-    st = tuple(0.5 * torch.randn(B, n, generator=g, dtype=torch.float64)
-               for n in (cfg.hidden_size, cfg.hidden_size, cfg.hyper_size, cfg.hyper_size))
-    masks = None
-    if dropout:
-        keep = 1.0 - dropout
-        masks = tuple(torch.bernoulli(torch.full((T, B, n), keep, dtype=torch.float64), generator=g) / keep
-                      for n in (cfg.hidden_size, cfg.hyper_size))
-    return x, st, masks
-
-
 def _to(dtype, x, st, p, masks):
     cv = lambda t: t.to(DEVICE, dtype)  # noqa: E731
     return cv(x), tuple(map(cv, st)), {n: cv(v) for n, v in p.items()}, (None if masks is None else tuple(map(cv, masks)))
@@ -184,8 +161,8 @@ def test_nan_guard_zones_lengths_and_dropout_masks(dtype, layer_norm):
     outside what was written may leak into the (finite, correct) results."""
     cfg = CellConfig(**ODD, layer_norm=layer_norm, forget_bias=0.4, ln_eps=1e-2)
     T, B = 4, 3
-    p = _cell_params(cfg, 20)
-    x, st, masks = _inputs(cfg, T, B, 21, dropout=0.4)
+    p = cell_params(cfg, 20)
+    x, st, masks = sequence_inputs(cfg, T, B, 21, dropout=0.4)
     lengths = torch.tensor([4, 3, 1])
     want_out, want_state = naive.hyper_lstm_sequence(x, st, p, cfg, lengths, masks)
     big = torch.full((T + 2, B + 3, cfg.hidden_size + 11), float("nan"), dtype=dtype, device=DEVICE)
@@ -204,8 +181,8 @@ def test_nan_guard_zones_lengths_and_dropout_masks(dtype, layer_norm):
 def test_masks_matter():
     """A test that could not fail would be a defect: different masks must change the result."""
     cfg = CellConfig(**ODD)
-    p = _cell_params(cfg, 22)
-    x, st, masks = _inputs(cfg, 3, 3, 23, dropout=0.5)
+    p = cell_params(cfg, 22)
+    x, st, masks = sequence_inputs(cfg, 3, 3, 23, dropout=0.5)
     xd, std, pd, md = _to(torch.float32, x, st, p, masks)
     with torch.no_grad():
         a, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None, md)
@@ -223,10 +200,10 @@ def test_launches_per_step(monkeypatch):
     """(launches at T=8 - launches at T=4) / 4: exactly 2 per step (issue: at most 3)."""
     counts = _count_launches(monkeypatch)
     cfg = CellConfig(input_size=5, hidden_size=16, hyper_size=8, embed_size=2)
-    p = _cell_params(cfg, 24)
+    p = cell_params(cfg, 24)
     per_T = {}
     for T in (4, 8):
-        x, st, _ = _inputs(cfg, T, 2, 25)
+        x, st, _ = sequence_inputs(cfg, T, 2, 25)
         xd, std, pd, _ = _to(torch.float32, x, st, p, None)
         counts.clear()
         with torch.no_grad():
@@ -240,8 +217,8 @@ def test_launches_per_step(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs a GPU")
 def test_time_loop_captures_in_a_cuda_graph():
     cfg = CellConfig(input_size=7, hidden_size=64, hyper_size=16, embed_size=4)
-    p = _cell_params(cfg, 26)
-    x, st, _ = _inputs(cfg, 6, 4, 27)
+    p = cell_params(cfg, 26)
+    x, st, _ = sequence_inputs(cfg, 6, 4, 27)
     xd, std, pd, _ = _to(torch.float32, x, st, p, None)
     with torch.no_grad():
         want, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg)  # also compiles the kernels
@@ -272,8 +249,8 @@ def test_training_runs_through_triton():
 
 def test_bad_inputs():
     cfg = CellConfig(**ODD)
-    p = _cell_params(cfg, 28)
-    x, st, _ = _inputs(cfg, 2, 3, 29)
+    p = cell_params(cfg, 28)
+    x, st, _ = sequence_inputs(cfg, 2, 3, 29)
     xd, std, pd, _ = _to(torch.float32, x, st, p, None)
     with torch.no_grad():
         with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
