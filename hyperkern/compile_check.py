@@ -52,6 +52,7 @@ class CompileConfig:
     constexprs: Dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: Optional[int] = None  # Triton's ``maxnreg`` option (PTX ``.maxnreg``), as the launcher passes it
 
     @property
     def kernel(self) -> str:
@@ -150,8 +151,10 @@ def _compile_one(cfg: CompileConfig, arch: int) -> Dict[str, Any]:
     t0 = time.perf_counter()
     try:
         src = ASTSource(fn=cfg.fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs))
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if cfg.maxnreg is not None:
+            options["maxnreg"] = cfg.maxnreg
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as tmp:
             ptx_path = os.path.join(tmp, "kernel.ptx")

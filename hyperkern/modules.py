@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .ops import hyper_lstm as op
-from .ops.hyper_lstm.common import CellConfig, HyperLSTMState
+from .ops.hyper_lstm.common import CellConfig, HyperLSTMState, Masks
+from .ops.hyper_lstm.dropout import DropoutSeed
 
 
 class _BackendAttr:
@@ -35,7 +36,14 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
 
     ``x`` is ``[B, input_size]`` (or ``[input_size]`` unbatched); ``state`` is a
     :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` of ``[B, *]`` tensors, zeros if omitted.
+
+    ``seeded_dropout`` (attribute): how training-mode recurrent dropout is drawn. ``None`` (default):
+    from a seed on the Triton backend (the kernels draw the masks, nothing is stored), as Bernoulli
+    mask tensors on the others (faster on CPU). ``True``: from a seed on every backend, so the same
+    ``torch.manual_seed`` gives every backend identical masks. ``False``: always mask tensors.
     """
+
+    seeded_dropout: Optional[bool] = None
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
                  layer_norm: bool = True, forget_bias: float = 1.0, ln_eps: float = 1e-3,
@@ -102,11 +110,16 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
                 f"layer_norm={c.layer_norm}, forget_bias={c.forget_bias}, ln_eps={c.ln_eps}, "
                 f"recurrent_dropout={self.recurrent_dropout}, backend={self.backend!r}")
 
-    def dropout_masks(self, T: int, B: int, like: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-        """Inverted recurrent-dropout masks for T steps, or None when dropout is off."""
+    def dropout_masks(self, T: int, B: int, like: Tensor, backend: str = "torch") -> Masks:
+        """Recurrent dropout for T steps, or None when it is off: a fresh :class:`DropoutSeed` or
+        inverted Bernoulli mask tensors (see ``seeded_dropout``). Both come from torch's generator
+        of ``like``'s device, so ``torch.manual_seed`` reproduces them."""
         p = self.recurrent_dropout
         if not (self.training and p > 0):
             return None
+        seeded = backend == "triton" if self.seeded_dropout is None else self.seeded_dropout
+        if seeded:
+            return DropoutSeed.draw(p, like.device)
         keep = 1.0 - p
         def draw(n):
             return torch.empty(T, B, n, device=like.device, dtype=like.dtype).bernoulli_(keep).div_(keep)
@@ -115,7 +128,7 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
     def run(self, x: Tensor, state, lengths=None, backend: Optional[str] = None):
         """Run over ``x [T, B, X]`` in time order (the op's calling convention, no validation)."""
         name = op.resolve_backend(backend or self.backend, x.device)
-        masks = self.dropout_masks(x.shape[0], x.shape[1], x)
+        masks = self.dropout_masks(x.shape[0], x.shape[1], x, name)
         return op.get_backend(name)(x, tuple(state), self.params(), self.cfg, lengths, masks)
 
     def forward(self, x: Tensor, state=None) -> Tuple[Tensor, HyperLSTMState]:

@@ -153,6 +153,8 @@ def _build(cfg: Config, backend: str, dtype, device, seed: int):
     train = cfg.recurrent_dropout > 0 or cfg.dropout > 0
     ref.train(train)
     model.train(train)
+    for cell in (*ref.cells, *model.cells):  # recurrent dropout drawn the way the backend under test draws it
+        cell.seeded_dropout = backend == "triton"
 
     def rnd(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen, dtype=F64)).to(dtype).to(F64)
@@ -173,7 +175,7 @@ def _run(model, cfg: Config, x, state, g_out, g_state, dtype, device, seed, with
     state = tuple(s.detach().to(device=device, dtype=dtype).clone().requires_grad_(with_grad) for s in state)
     lengths = list(cfg.lengths) if cfg.lengths is not None else None
     inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if cfg.packed else x
-    torch.manual_seed(seed)  # recurrent-dropout masks: the same draws for every backend
+    torch.manual_seed(seed)  # recurrent dropout: the same draws (seed or masks) for the reference and the backend
     with torch.set_grad_enabled(with_grad):
         if cfg.packed:
             out, st = model(inp, state)

@@ -7,6 +7,9 @@ gates ``G``, the hyper pre-norm gates ``Â`` and the embeddings ``z`` (all fp32)
 
 1. :func:`hyper_lstm_cell_bwd_kernel` — grid ``cdiv(B, BMC)``; a program owns whole rows:
 
+   - seeded recurrent dropout: the step's masks drawn again exactly as the forward drew them
+     (``_draw_masks``, the forward module's first pass);
+
    - main cell: LN statistics of G and c_t rebuilt from the saved tensors, then the gradient
      through LN(c), the LSTM update and the per-gate LN -> ``da`` (main pre-norm gates), ``dc_{t-1}``;
      the post-LN gate gradients ``dg`` and the LN(c) input gradients ``dcn`` are stored per step
@@ -33,7 +36,7 @@ import triton
 import triton.language as tl
 
 from hyperkern.kernels.hyper_lstm_fwd import (  # noqa: F401  (shared helpers, one definition)
-    INTERPRETING, _chan_merge, _chunk_moments, _gate_stats, _pick, _tanh,
+    INTERPRETING, _chan_merge, _chunk_moments, _draw_masks, _gate_stats, _pick, _tanh,
 )
 
 
@@ -187,7 +190,7 @@ def hyper_lstm_cell_bwd_kernel(
     dw_ptr, zw_ptr, stride_zw,                        # d_weight [12, H, E], z_weight [12E, Hh]
     ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,
     hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,
-    m_ptr, stride_mb, mh_ptr, stride_mhb,             # dropout masks of step t [B, H], [B, Hh]
+    m_ptr, stride_mb, mh_ptr, stride_mhb,             # dropout masks of step t [B, H], [B, Hh] (fp32)
     # incoming gradients
     dout_ptr, stride_dout,                            # d out[t] [B, H]
     dh_ptr, stride_dh, dhh_ptr, stride_dhh,           # dh_t [B, H], dĥ_t carry [B, Hh]
@@ -202,7 +205,8 @@ def hyper_lstm_cell_bwd_kernel(
     dg_ptr, stride_dg, dcn_ptr, stride_dcn,           # main dg [B, 4H], dcn [B, H] (LN)
     hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,       # hyper dg [B, 4Hh], dcn [B, Hh] (LN)
     dhh_tot_ptr, stride_dht,                          # scratch: total dĥ_t [B, Hh]
-    has_masks, forget_bias, eps,
+    drop_mode, seed_ptr, p_drop, drop_scale,         # as in the forward cell kernel
+    forget_bias, eps,
     LAYER_NORM: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr,
     BZ: tl.constexpr,
 ):
@@ -215,10 +219,16 @@ def hyper_lstm_cell_bwd_kernel(
     alive3 = (t < lens)[:, None, None]
     gate3 = tl.arange(0, 4)[None, :, None]
 
+    # 0. seeded recurrent dropout (drop_mode 2): the forward's masks of step t, drawn again
+    if drop_mode == 2:
+        _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, tl.full([], 0, tl.int64) + t, B, H + Hh,
+                    p_drop, drop_scale, BMC, BN)
+        tl.debug_barrier()
+
     # 1. main cell: dh_t = carry + d out[t]  ->  da (DA[t]), dc_{t-1}
     _cell_bwd(g_ptr, stride_g, H, c_prev_ptr, c_new_ptr, stride_s,
               dh_ptr, stride_dh, dout_ptr, stride_dout, dc_ptr, dcp_ptr, stride_dc,
-              ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr, m_ptr, stride_mb, has_masks,
+              ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr, m_ptr, stride_mb, drop_mode,
               da_ptr, stride_da, dg_ptr, stride_dg, dcn_ptr, stride_dcn,
               rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, True, BMC, BN)
     tl.debug_barrier()
@@ -284,7 +294,7 @@ def hyper_lstm_cell_bwd_kernel(
     # 4. hyper cell: -> dÂ (the hyper half of DXP[t]), dĉ_{t-1}
     _cell_bwd(ahat_ptr, stride_ahat, Hh, chat_prev_ptr, chat_new_ptr, stride_hs,
               dhh_tot_ptr, stride_dht, dhh_tot_ptr, stride_dht, dch_ptr, dchp_ptr, stride_dch,
-              hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr, mh_ptr, stride_mhb, has_masks,
+              hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr, mh_ptr, stride_mhb, drop_mode,
               dahat_ptr, stride_dahat, hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,
               rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, False, BMC, BN)
 
@@ -350,9 +360,9 @@ def hyper_lstm_gates_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-# parameters and the masks / d out carry the input's dtype; everything else is an fp32 buffer
+# parameters and d out carry the input's dtype; everything else is an fp32 buffer (the dropout masks too)
 _PARAM_PTRS = {"dw_ptr", "zw_ptr", "ln_w_ptr", "ln_b_ptr", "lnc_w_ptr", "lnc_b_ptr", "hln_w_ptr", "hln_b_ptr",
-               "hlnc_w_ptr", "hlnc_b_ptr", "m_ptr", "mh_ptr", "dout_ptr", "w_hh_ptr", "w_hih_ptr", "w_hhh_ptr"}
+               "hlnc_w_ptr", "hlnc_b_ptr", "dout_ptr", "w_hh_ptr", "w_hih_ptr", "w_hhh_ptr"}
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -362,11 +372,13 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name == "lengths_ptr":
             sig[name] = "*i32"
+        elif name == "seed_ptr":
+            sig[name] = "*i64"
         elif name in _PARAM_PTRS:
             sig[name] = _PTR[dtype]
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
-        elif name in ("forget_bias", "eps"):
+        elif name in ("forget_bias", "eps", "p_drop", "drop_scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -378,7 +390,7 @@ def compile_configs():
     depend on the batch size only; BE covers embed sizes up to 64), fp32 / fp16 / bf16, with and
     without layer norm."""
     from hyperkern.compile_check import CompileConfig
-    from hyperkern.ops.hyper_lstm.fused_triton import DOT_PRECISION, all_bwd_kernel_configs
+    from hyperkern.ops.hyper_lstm.fused_triton import CELL_MAXNREG, DOT_PRECISION, all_bwd_kernel_configs
 
     gates, cells = all_bwd_kernel_configs()
     configs = []
@@ -397,14 +409,14 @@ def compile_configs():
                         name=f"{dtype} BMC{c.BMC} BN{c.BN} BE{be} {'LN' if layer_norm else 'noLN'}",
                         fn=hyper_lstm_cell_bwd_kernel,
                         signature=_signature(hyper_lstm_cell_bwd_kernel, dtype, cx), constexprs=cx,
-                        num_warps=c.num_warps, num_stages=1))
-    # Triton's JIT turns integer arguments equal to 1 into constexprs (B = 1, E = 1, the mask flag,
+                        num_warps=c.num_warps, num_stages=1, maxnreg=CELL_MAXNREG))
+    # Triton's JIT turns integer arguments equal to 1 into constexprs (B = 1, E = 1, drop_mode,
     # t = 1 is not: do_not_specialize): compile that specialisation too, once per kernel.
     first_cell = next(c for c in configs if c.fn is hyper_lstm_cell_bwd_kernel)
     for fn, cfg0 in ((hyper_lstm_gates_bwd_kernel, configs[0]), (hyper_lstm_cell_bwd_kernel, first_cell)):
-        ones = [n for n in fn.arg_names if n in ("B", "H", "Hh", "E", "n_main", "has_masks")]
+        ones = [n for n in fn.arg_names if n in ("B", "H", "Hh", "E", "n_main", "drop_mode")]
         sig = {n: ("constexpr" if n in ones else ty) for n, ty in cfg0.signature.items()}
         configs.append(CompileConfig(
             name=cfg0.name + " ints=1", fn=fn, signature=sig, constexprs={**cfg0.constexprs, **{n: 1 for n in ones}},
-            num_warps=cfg0.num_warps, num_stages=cfg0.num_stages))
+            num_warps=cfg0.num_warps, num_stages=cfg0.num_stages, maxnreg=cfg0.maxnreg))
     return configs

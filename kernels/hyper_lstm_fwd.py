@@ -15,6 +15,9 @@ steps into one library GEMM, ``XP = x @ [weight_ih ; hyper_weight_ih[:, :X]]^T``
 2. :func:`hyper_lstm_cell_kernel` — grid ``cdiv(B, BMC)``; a program owns whole rows and walks them
    in chunks of BN columns:
 
+   - seeded recurrent dropout only (``drop_mode == 2``): :func:`_draw_masks` first draws the step's
+     masks for its rows (``tl.rand``) into a small scratch that the update passes then read;
+
    - the hyper cell: per-gate LN statistics of Â, the update (ĉ_t), LN(ĉ_t), ĥ_t;
    - the 12 embeddings ``z = ĥ_t @ z_weight^T + [z_bias; 0]`` (a tiny scratch ``[B, 12E]``);
    - the main pre-gates ``a = d_x ⊙ XP[t] + d_h ⊙ P + bias + beta``: the scaling vectors
@@ -92,6 +95,24 @@ def _chan_merge(n, mean, m2, n_c, mean_c, m2_c):
     mean = mean + delta * (n_c / tot)
     m2 = m2 + m2_c + delta * delta * (n * n_c / tot)
     return mean, m2
+
+
+@triton.jit
+def _draw_masks(seed_ptr, m_ptr, stride_m, rows, row_ok, t64, B, N, p_drop, drop_scale,
+                BMC: tl.constexpr, BN: tl.constexpr):
+    """Seeded recurrent dropout of step t for the program's rows into the mask scratch ``m[rows, :N]``
+    (N = H + Hh: the main cell's columns, then the hyper cell's): ``tl.rand(seed, (t·B + row)·N + k)
+    >= p`` ? ``1/(1-p)`` : 0 — the stream of ``hyperkern/ops/hyper_lstm/dropout.py``. A pass of its
+    own, so the Philox registers are never live beside the gate tiles."""
+    seed = tl.load(seed_ptr)
+    cols = tl.arange(0, BN)[None, :]
+    counter = (t64 * B + rows[:, None]) * N
+    for k0 in range(0, N, BN):
+        k = k0 + cols
+        u = tl.rand(seed, counter + k)
+        keep = tl.where(u >= p_drop, drop_scale, 0.0)
+        tl.store(m_ptr + rows[:, None] * stride_m + k, keep.to(m_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (k < N))
 
 
 @triton.jit
@@ -333,7 +354,7 @@ def hyper_lstm_cell_kernel(
     ahat_ptr, stride_ahat,                           # Â [B, 4Hh] fp32 (from the gates kernel)
     chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,   # [B, Hh] fp32
     hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,
-    mh_ptr, stride_mht, stride_mhb,                  # hyper dropout masks [T, B, Hh]
+    mh_ptr, stride_mht, stride_mhb,                  # hyper dropout masks [T, B, Hh] (fp32)
     # embeddings
     zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z,      # z_weight [12E, Hh], z_bias [8E], z scratch [B, 12E]
     # main cell
@@ -343,9 +364,10 @@ def hyper_lstm_cell_kernel(
     g_ptr, stride_g,                                 # pre-norm gates scratch [B, 4H] fp32
     c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,   # [B, H] fp32
     ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,
-    m_ptr, stride_mt, stride_mb,                     # main dropout masks [T, B, H]
+    m_ptr, stride_mt, stride_mb,                     # main dropout masks [T, B, H] (fp32)
     out_ptr, stride_ot, stride_ob,                   # output [T, B, H]
-    has_masks, forget_bias, eps,
+    drop_mode, seed_ptr, p_drop, drop_scale,         # recurrent dropout, see below
+    forget_bias, eps,
     LAYER_NORM: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BZ: tl.constexpr, BKZ: tl.constexpr,
     PIPE: tl.constexpr,
 ):
@@ -360,6 +382,12 @@ def hyper_lstm_cell_kernel(
     t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
     zeros_g = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
 
+    # 0. recurrent dropout: drop_mode 0 off, 1 the mask tensors, 2 seeded: this step's masks are
+    #    drawn into the mask scratch (m_ptr = [B, H + Hh] with stride_mt = 0, mh_ptr = m_ptr + H)
+    if drop_mode == 2:
+        _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, t64, B, H + Hh, p_drop, drop_scale, BMC, BN)
+        tl.debug_barrier()
+
     # 1. hyper cell (state ĥ, ĉ) from its pre-gates Â
     hg_mean = zeros_g
     hg_rstd = zeros_g
@@ -369,7 +397,7 @@ def hyper_lstm_cell_kernel(
     hc_mean, hc_m2 = _update_pass(
         ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
         chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
-        mh_ptr + t64 * stride_mht, stride_mhb, has_masks, out_ptr, stride_ob,
+        mh_ptr + t64 * stride_mht, stride_mhb, drop_mode, out_ptr, stride_ob,
         rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, False, BMC, BN, PIPE)
     if LAYER_NORM:
         tl.debug_barrier()
@@ -394,7 +422,7 @@ def hyper_lstm_cell_kernel(
     c_mean, c_m2 = _update_pass(
         g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
         c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
-        m_ptr + t64 * stride_mt, stride_mb, has_masks, out_t, stride_ob,
+        m_ptr + t64 * stride_mt, stride_mb, drop_mode, out_t, stride_ob,
         rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, True, BMC, BN, PIPE)
     if LAYER_NORM:
         tl.debug_barrier()
@@ -412,8 +440,8 @@ _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 # arguments that are always fp32 / int32 buffers, whatever the parameters' dtype
 _F32_BUFFERS = {"h_ptr", "hh_ptr", "xph_ptr", "p_ptr", "ahat_ptr", "chat_prev_ptr", "chat_new_ptr",
                 "hhat_prev_ptr", "hhat_new_ptr", "z_ptr", "xp_ptr", "g_ptr", "c_prev_ptr", "c_new_ptr",
-                "h_prev_ptr", "h_new_ptr"}
-_F32_SCALARS = {"forget_bias", "eps"}
+                "h_prev_ptr", "h_new_ptr", "m_ptr", "mh_ptr"}
+_F32_SCALARS = {"forget_bias", "eps", "p_drop", "drop_scale"}
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -423,10 +451,12 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name == "lengths_ptr":
             sig[name] = "*i32"
+        elif name == "seed_ptr":
+            sig[name] = "*i64"
         elif name in _F32_BUFFERS:
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
-            sig[name] = _PTR[dtype]  # parameters, dropout masks and the output: the input's dtype
+            sig[name] = _PTR[dtype]  # parameters and the output: the input's dtype
         elif name in _F32_SCALARS:
             sig[name] = "fp32"
         else:
@@ -439,7 +469,7 @@ def compile_configs():
     batch size only, so this covers every H), in fp32, fp16 and bf16; the cell kernel with and
     without layer norm (its only other constexpr)."""
     from hyperkern.compile_check import CompileConfig
-    from hyperkern.ops.hyper_lstm.fused_triton import DOT_PRECISION, all_kernel_configs
+    from hyperkern.ops.hyper_lstm.fused_triton import CELL_MAXNREG, DOT_PRECISION, all_kernel_configs
 
     gates, cells = all_kernel_configs()
     configs = []
@@ -457,14 +487,14 @@ def compile_configs():
                 configs.append(CompileConfig(
                     name=f"{dtype} BMC{c.BMC} BN{c.BN} {'LN' if layer_norm else 'noLN'}", fn=hyper_lstm_cell_kernel,
                     signature=_signature(hyper_lstm_cell_kernel, dtype, cx), constexprs=cx,
-                    num_warps=c.num_warps, num_stages=c.num_stages))
-    # Triton's JIT turns integer arguments equal to 1 into constexprs (B = 1, E = 1, a mask flag,
+                    num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=CELL_MAXNREG))
+    # Triton's JIT turns integer arguments equal to 1 into constexprs (B = 1, E = 1, drop_mode,
     # a unit stride, ...): compile that specialisation too, once per kernel.
     for fn, cfg0 in ((hyper_lstm_gates_kernel, configs[0]), (hyper_lstm_cell_kernel, configs[len(gates)])):
-        ones = [n for n in fn.arg_names if n in ("t", "B", "H", "Hh", "E", "n_main", "has_masks")
+        ones = [n for n in fn.arg_names if n in ("t", "B", "H", "Hh", "E", "n_main", "drop_mode")
                 or n.startswith("stride_x") or n.startswith("stride_m")]
         sig = {n: ("constexpr" if n in ones else ty) for n, ty in cfg0.signature.items()}
         configs.append(CompileConfig(
             name=cfg0.name + " ints=1", fn=fn, signature=sig, constexprs={**cfg0.constexprs, **{n: 1 for n in ones}},
-            num_warps=cfg0.num_warps, num_stages=cfg0.num_stages))
+            num_warps=cfg0.num_warps, num_stages=cfg0.num_stages, maxnreg=cfg0.maxnreg))
     return configs

@@ -13,17 +13,20 @@ A backend runs ONE cell (one layer, one direction) over a whole sequence:
 - ``lengths``: ``None`` (every sequence has T steps) or a CPU int64 tensor ``[B]`` sorted
   non-increasing, each in ``[1, T]``. Past a sequence's end its state is carried unchanged and
   its outputs are zero.
-- ``masks``: ``None`` or ``(m_main [T, B, H], m_hyper [T, B, Hh])`` recurrent-dropout masks,
-  already scaled by ``1 / (1 - p)``; they multiply ``tanh(g)``.
+- ``masks``: recurrent dropout (multiplies ``tanh(g)``): ``None``, a pair ``(m_main [T, B, H],
+  m_hyper [T, B, Hh])`` already scaled by ``1 / (1 - p)``, or a :class:`~.dropout.DropoutSeed`
+  ``(seed, p)`` standing for masks every backend derives identically (:mod:`.dropout`).
 
 Returns ``out [T, B, H]`` and the final state (each sequence's state at its own last step).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 from torch import Tensor
+
+from .dropout import DropoutSeed
 
 GATES = ("i", "f", "g", "o")  # nn.LSTM order, everywhere
 NUM_PATHS = 12  # z/d paths: x-path (i,f,g,o), h-path (i,f,g,o), bias-path (i,f,g,o)
@@ -96,4 +99,4 @@ class CellConfig:
 
 
 Lengths = Optional[Tensor]
-Masks = Optional[Tuple[Tensor, Tensor]]
+Masks = Optional[Union[Tuple[Tensor, Tensor], DropoutSeed]]

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .common import CellConfig, Lengths, Masks
+from .dropout import mask_tensors
 
 _native_ln = torch.ops.aten.native_layer_norm.default
 _native_ln_backward = torch.ops.aten.native_layer_norm_backward.default
@@ -354,6 +355,7 @@ def hyper_lstm_sequence(x: Tensor, state, params, cfg: CellConfig, lengths: Leng
     """Run one cell over ``x [T, B, X]`` (calling convention in ``common``)."""
     T, B = x.shape[0], x.shape[1]
     counts = tuple(_active_counts(lengths, T, B))
+    masks = mask_tensors(masks, T, B, cfg.hidden_size, cfg.hyper_size, x.dtype)
     m_main, m_hyper = masks if masks is not None else (None, None)
     flat = [params[n] for n in cfg.param_names()]
     out, h, c, h_hat, c_hat = _HyperLSTMSequence.apply(x, *state, m_main, m_hyper, counts, cfg, *flat)

@@ -9,10 +9,12 @@ Per call (one cell, one direction, calling convention in :mod:`.common`):
    the gates kernel, then the cell kernel), with no allocation, no host synchronisation and no
    data-dependent shape, so it can be captured in a CUDA graph as it stands.
 
-Variable length is masked inside the cell kernel from a device ``lengths`` tensor; recurrent
-dropout masks are taken as given. Training: when gradients are required the whole sequence is
-one node, the custom op ``hyperkern::hyper_lstm_triton`` (registered with ``torch.library``, so
-``torch.compile`` does not graph-break on it); its forward keeps every step's state, P, G, Â, z
+Variable length is masked inside the cell kernel from a device ``lengths`` tensor. Recurrent
+dropout comes as a :class:`~.dropout.DropoutSeed` (what the module passes: each cell kernel draws
+its step's masks with ``tl.rand`` in a first pass, and the backward draws the same ones again;
+nothing is kept) or as given mask tensors (see :mod:`.dropout`). Training: when gradients are
+required the whole sequence is one node, the custom op ``hyperkern::hyper_lstm_triton``
+(registered with ``torch.library``, so ``torch.compile`` does not graph-break on it); its forward keeps every step's state, P, G, Â, z
 (``run_sequence(save="full")``; or only the states inside :class:`recompute`) and its registered
 backward (:func:`run_backward`) runs the kernels of ``kernels/hyper_lstm_bwd.py`` in reverse time,
 two launches per step (four when recomputing), then one library GEMM per weight gradient over all
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .common import CellConfig, Lengths, Masks
+from .dropout import DropoutSeed, check_seed, keep_scale
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOT_PRECISION = "tf32"  # fp32 operands use tf32 tensor cores on a GPU (the interpreter's dot is exact)
@@ -108,6 +111,12 @@ class CellBwdConfig:
     BZ: int  # reduction chunk over the 12E embeddings (dĥ += dz @ z_weight)
     num_warps: int
 
+
+# Register budget of both cell kernels (Triton's ``maxnreg``). Left alone, ptxas on sm_90 picks
+# 96 registers for some cell configurations and spills 4-28 B to stay there (an occupancy heuristic);
+# the cell kernels launch only cdiv(B, BMC) programs (fewer than the SMs), so occupancy is not what
+# limits them and they may have every register they want (255 x 256 threads fits an SM's 64K).
+CELL_MAXNREG = 255
 
 GATES_BWD_TABLE: Tuple[Tuple[Optional[int], GatesBwdConfig], ...] = (
     (16, GatesBwdConfig(BM=16, BN=32, BK=32, num_warps=4, num_stages=3)),
@@ -281,9 +290,11 @@ def _check_inputs(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, 
         lo, hi = (1, T) if torch.compiler.is_compiling() else (int(lengths.min()), int(lengths.max()))
         if lo < 1 or hi > T:
             raise ValueError(f"lengths must lie in [1, {T}], got min {lo}, max {hi}")
-    if masks is not None:
+    if isinstance(masks, DropoutSeed):
+        check_seed(masks, x.device)
+    elif masks is not None:
         if not isinstance(masks, (tuple, list)) or len(masks) != 2:
-            raise TypeError("masks must be None or a pair (m_main [T, B, H], m_hyper [T, B, Hh])")
+            raise TypeError("masks must be None, a DropoutSeed or a pair (m_main [T, B, H], m_hyper [T, B, Hh])")
         for what, m, n in (("m_main", masks[0], H), ("m_hyper", masks[1], Hh)):
             if not isinstance(m, Tensor) or not m.dtype.is_floating_point:
                 raise TypeError(f"masks: {what} must be a floating-point tensor")
@@ -306,9 +317,9 @@ def hyper_lstm_sequence(
     _check_inputs(x, state, params, cfg, lengths, masks)
     save = (2 if RECOMPUTE else 1) if _needs_grad(x, state, params) else 0
     flat = [params[n] for n in cfg.param_names()]
-    m_main, m_hyper = masks if masks is not None else (None, None)
+    m_main, m_hyper, seed, p_drop = _masks_to_op(masks)
     res = torch.ops.hyperkern.hyper_lstm_triton(
-        x, *state, flat, lengths, m_main, m_hyper, cfg.hidden_size, cfg.hyper_size, cfg.embed_size,
+        x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size, cfg.embed_size,
         bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save)
     return res[0], tuple(res[1:5])
 
@@ -371,7 +382,7 @@ def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
     last = T if save else T % 2
     final = tuple(s[last].to(dtype).contiguous() for s in (hs, cs, hhs, chs))
     if save:
-        buf.saved = dict(seq, **saved, lens=plan.lens, masks=(plan.m_main, plan.m_hyp, plan.has_masks))
+        buf.saved = dict(seq, **saved, lens=plan.lens, masks=masks)
         if save == "full":
             buf.saved["XP"] = xp_all
     return out, final, buf
@@ -408,23 +419,15 @@ class _ForwardPlan:
             self.lens = torch.full((B,), T, dtype=torch.int32, device=dev)
         else:
             self.lens = lengths.to(device=dev, dtype=torch.int32)
-        if masks is not None:
-            self.m_main = buf.copy_strided("m_main", masks[0].to(dtype))
-            self.m_hyp = buf.copy_strided("m_hyper", masks[1].to(dtype))
-            self.has_masks = 1
-            self.stride_m = (self.m_main.stride(0), self.m_main.stride(1))
-            self.stride_mh = (self.m_hyp.stride(0), self.m_hyp.stride(1))
-        else:
-            self.m_main = self.m_hyp = x  # never read (has_masks = 0); a pointer of x's dtype
-            self.has_masks = 0
-            self.stride_m = self.stride_mh = (0, 0)
+        self.drop = _DropoutArgs(masks, x, buf, H, Hh)
         self.n_main = triton_cdiv(H, gcfg.BH)
         self.grid_gates = (self.n_main + triton_cdiv(Hh, gcfg.BH), triton_cdiv(B, gcfg.BM))
         self.grid_cell = (triton_cdiv(B, ccfg.BMC),)
         self.gates_kw = dict(BM=gcfg.BM, BH=gcfg.BH, BK=gcfg.BK, DOT_PRECISION=DOT_PRECISION,
                              num_warps=gcfg.num_warps, num_stages=gcfg.num_stages)
         self.cell_kw = dict(LAYER_NORM=bool(cfg.layer_norm), BMC=ccfg.BMC, BN=ccfg.BN, BZ=ccfg.BZ, BKZ=ccfg.BKZ,
-                            PIPE=ccfg.num_stages, num_warps=ccfg.num_warps, num_stages=ccfg.num_stages)
+                            PIPE=ccfg.num_stages, num_warps=ccfg.num_warps, num_stages=ccfg.num_stages,
+                            maxnreg=CELL_MAXNREG)
         self.fb, self.eps = float(cfg.forget_bias), float(cfg.ln_eps)
 
     def x_projection(self, x: Tensor) -> Tensor:
@@ -468,15 +471,53 @@ class _ForwardPlan:
             a_hat, a_hat.stride(0),
             ch0, ch1, hh0, hh1, hh0.stride(0),
             ln["hyper_ln_weight"], ln["hyper_ln_bias"], ln["hyper_ln_cell_weight"], ln["hyper_ln_cell_bias"],
-            self.m_hyp, self.stride_mh[0], self.stride_mh[1],
+            self.drop.m_hyper, *self.drop.strides_hyper,
             self.z_w, self.z_w.stride(0), fl["z_bias"], z_buf, z_buf.stride(0),
             p_buf, p_buf.stride(0), xp_main, xp_main.stride(0), xp_main.stride(1),
             fl["bias"], fl["d_weight"], g_buf, g_buf.stride(0),
             c0, c1, h0, h1, h0.stride(0),
             ln["ln_weight"], ln["ln_bias"], ln["ln_cell_weight"], ln["ln_cell_bias"],
-            self.m_main, self.stride_m[0], self.stride_m[1],
+            self.drop.m_main, *self.drop.strides_main,
             out, out.stride(0), out.stride(1),
-            self.has_masks, self.fb, self.eps, **self.cell_kw)
+            *self.drop.scalars, self.fb, self.eps, **self.cell_kw)
+
+
+class _DropoutArgs:
+    """The cell kernels' recurrent-dropout arguments for ``masks`` (None, a mask pair or a
+    :class:`DropoutSeed`): ``drop_mode`` 0 / 1 / 2, the fp32 mask buffers with their (t, b)
+    strides, the seed tensor, p and the kept value 1/(1-p).
+
+    Seeded (mode 2), each cell kernel first draws its step's masks for its own rows into one
+    ``[B, H + Hh]`` scratch (``m_main``/``m_hyper`` are its two column blocks, t-stride 0): the forward,
+    the backward and the recompute pass each draw them again; nothing is kept between steps."""
+
+    def __init__(self, masks, x: Tensor, buf: "_Buffers", H: int, Hh: int):
+        acc = _acc_dtype(x.dtype)
+        B = x.shape[1]
+        p, mode, seed = 0.0, 0, None
+        if isinstance(masks, DropoutSeed):
+            mode, p, seed = 2, masks.p, masks.seed.reshape(1)
+            scratch = buf.new("m_seeded", (B, H + Hh), acc, fill=float("nan") if buf.guard else None)
+            self.m_main, self.m_hyper = scratch[:, :H], scratch[:, H:]
+            self.strides_main = self.strides_hyper = (0, scratch.stride(0))
+        elif masks is not None:
+            mode = 1
+            self.m_main = buf.copy_strided("m_main", masks[0].to(acc))
+            self.m_hyper = buf.copy_strided("m_hyper", masks[1].to(acc))
+            self.strides_main, self.strides_hyper = self.m_main.stride()[:2], self.m_hyper.stride()[:2]
+        else:  # never read; an fp32 pointer keeps one kernel signature
+            self.m_main = self.m_hyper = buf.new("m_none", (1,), acc)
+            self.strides_main = self.strides_hyper = (0, 0)
+        if seed is None:  # never read; an int64 pointer keeps one kernel signature
+            seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+        self.mode = mode
+        self.scalars = (mode, seed, p, keep_scale(p))
+
+    def step(self, t: int):
+        """``(m_main of step t, its row stride, m_hyper of step t, its row stride)`` for the backward."""
+        if self.mode == 1:
+            return self.m_main[t], self.strides_main[1], self.m_hyper[t], self.strides_hyper[1]
+        return self.m_main, self.strides_main[1], self.m_hyper, self.strides_hyper[1]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -519,8 +560,7 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
                 "hyper_ln_weight", "hyper_ln_bias", "hyper_ln_cell_weight", "hyper_ln_cell_bias")
     ln = ({n: buf.new_flat(n, p[n]) for n in ln_names} if cfg.layer_norm else {n: d_w for n in ln_names})
     S = saved
-    m_main, m_hyp, has_masks = S["masks"]
-    masked = bool(has_masks)
+    drop = _DropoutArgs(S["masks"], x, buf, H, Hh)
 
     # per-step gradient buffers the post-loop GEMMs consume (every row written by the kernels)
     DA = buf.new("DA", (T, B, 4 * H), f32)
@@ -549,7 +589,7 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
     if recompute:  # only the states were kept: rebuild XP (one GEMM) and, per step, P, G, Â, z
         S = dict(S)
         plan_buf = _Buffers(dev, guard)
-        plan = _ForwardPlan(x, p, cfg, lens, (m_main, m_hyp) if masked else None, plan_buf)
+        plan = _ForwardPlan(x, p, cfg, lens, S["masks"], plan_buf)
         S["XP"] = plan.x_projection(x)
         for n, w in (("P", 4 * H), ("G", 4 * H), ("AH", 4 * Hh), ("Z", 12 * E)):
             S[n] = buf.new("re_" + n, (T, B, w), f32, fill=float("nan") if guard else None)
@@ -562,7 +602,7 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
     grid_gates = (n_main + triton_cdiv(Hh, gcfg.BN), triton_cdiv(B, gcfg.BM))
     grid_cell = (triton_cdiv(B, ccfg.BMC),)
     cell_kw = dict(LAYER_NORM=bool(cfg.layer_norm), BMC=ccfg.BMC, BN=ccfg.BN, BE=BE, BZ=ccfg.BZ,
-                   num_warps=ccfg.num_warps, num_stages=1)
+                   num_warps=ccfg.num_warps, num_stages=1, maxnreg=CELL_MAXNREG)
     gates_kw = dict(BM=gcfg.BM, BN=gcfg.BN, BK=gcfg.BK, DOT_PRECISION=DOT_PRECISION,
                     num_warps=gcfg.num_warps, num_stages=gcfg.num_stages)
     fb, eps = float(cfg.forget_bias), float(cfg.ln_eps)
@@ -571,8 +611,6 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
     cell_kernel, gates_kernel = k.hyper_lstm_cell_bwd_kernel, k.hyper_lstm_gates_bwd_kernel
     for step, t in enumerate(reversed(range(T))):
         cur, nxt = step % 2, (step + 1) % 2
-        m_t = m_main[t] if masked else m_main
-        mh_t = m_hyp[t] if masked else m_hyp
         if recompute:  # the forward step again (2 launches), from the saved states of step t
             plan.step(t, S["XP"], (Hs[t], Cs[t], HHs[t], CHs[t]), nxt_scratch,
                       S["P"][t], S["G"][t], S["AH"][t], S["Z"][t], out_scratch)
@@ -584,7 +622,7 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
             d_w, z_w, z_w.stride(0),
             ln["ln_weight"], ln["ln_bias"], ln["ln_cell_weight"], ln["ln_cell_bias"],
             ln["hyper_ln_weight"], ln["hyper_ln_bias"], ln["hyper_ln_cell_weight"], ln["hyper_ln_cell_bias"],
-            m_t, m_t.stride(-2) if masked else 0, mh_t, mh_t.stride(-2) if masked else 0,
+            *drop.step(t),
             d_out[t], d_out.stride(1),
             dh[cur], dh[cur].stride(0), dhh[cur], dhh[cur].stride(0),
             dc[cur], dc[nxt], dc[cur].stride(0), dch[cur], dch[nxt], dch[cur].stride(0),
@@ -592,7 +630,7 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
             dxp_hyp[t], DXP.stride(1), DZ[t], DZ.stride(1),
             DG[t], DG.stride(1), DCN[t], DCN.stride(1), HDG[t], HDG.stride(1), HDCN[t], HDCN.stride(1),
             dhh_tot, dhh_tot.stride(0),
-            int(masked), fb, eps, **cell_kw)
+            *drop.scalars, fb, eps, **cell_kw)
         gates_kernel[grid_gates](
             DWH[t], DWH.stride(1), dxp_hyp[t], DXP.stride(1),
             w_hh, w_hh.stride(0), w_hih, w_hih.stride(0), w_hhh, w_hhh.stride(0),
@@ -692,14 +730,16 @@ def _saved_shapes(T, B, H, Hh, E):
 def hyper_lstm_triton_op(
     x: Tensor, h0: Tensor, c0: Tensor, hh0: Tensor, ch0: Tensor, params: List[Tensor],
     lengths: Optional[Tensor], m_main: Optional[Tensor], m_hyper: Optional[Tensor],
+    seed: Optional[Tensor], p_drop: float,
     H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float, save: int,
 ) -> List[Tensor]:
     """[out, h, c, ĥ, ĉ] + what the backward needs: nothing (``save=0``, inference), every step's
     tensors (1: :data:`SAVED_NAMES`) or only every step's states (2, recompute mode:
-    :data:`SAVED_NAMES_STATES`)."""
+    :data:`SAVED_NAMES_STATES`). Recurrent dropout: the masks ``m_main, m_hyper``, or ``seed`` with
+    drop probability ``p_drop`` (see :func:`_masks_to_op`), or neither."""
     cfg = _cfg_of(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
-    masks = None if m_main is None else (m_main, m_hyper)
+    masks = _masks_from_op(m_main, m_hyper, seed, p_drop)
     mode = {0: False, 1: "full", 2: "states"}[int(save)]
     out, final, buf = run_sequence(x, (h0, c0, hh0, ch0), p, cfg, lengths, masks, save=mode)
     res = [out] + [f.clone() for f in final]  # never alias another output
@@ -709,7 +749,8 @@ def hyper_lstm_triton_op(
 
 
 @hyper_lstm_triton_op.register_fake
-def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, H, Hh, E, layer_norm, forget_bias, ln_eps, save):
+def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
+      ln_eps, save):
     T, B, _ = x.shape
     res = [x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)]
     if save:
@@ -722,23 +763,21 @@ def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, H, Hh, E, layer_nor
 @torch.library.custom_op("hyperkern::hyper_lstm_triton_backward", mutates_args=())
 def hyper_lstm_triton_backward_op(
     x: Tensor, params: List[Tensor], saved: List[Tensor], m_main: Optional[Tensor], m_hyper: Optional[Tensor],
-    d_out: Optional[Tensor], dh: Optional[Tensor], dc: Optional[Tensor], dhh: Optional[Tensor],
-    dch: Optional[Tensor], H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float,
+    seed: Optional[Tensor], p_drop: float, d_out: Optional[Tensor], dh: Optional[Tensor], dc: Optional[Tensor],
+    dhh: Optional[Tensor], dch: Optional[Tensor], H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float,
 ) -> List[Tensor]:
     """[d x, d h0, d c0, d ĥ0, d ĉ0] + the parameter gradients (``cfg.param_names()`` order)."""
     cfg = _cfg_of(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
     sv = dict(zip(SAVED_NAMES if len(saved) == len(SAVED_NAMES) else SAVED_NAMES_STATES, saved))
-    if m_main is not None:
-        sv["masks"] = (m_main.to(x.dtype).contiguous(), m_hyper.to(x.dtype).contiguous(), 1)
-    else:
-        sv["masks"] = (x, x, 0)
+    sv["masks"] = _masks_from_op(m_main, m_hyper, seed, p_drop)
     dx, d_state, grads, _ = run_backward(x, p, cfg, sv, d_out, (dh, dc, dhh, dch))
     return [dx, *d_state] + [grads[n] for n in cfg.param_names()]
 
 
 @hyper_lstm_triton_backward_op.register_fake
-def _(x, params, saved, m_main, m_hyper, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm, forget_bias, ln_eps):
+def _(x, params, saved, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm, forget_bias,
+      ln_eps):
     B = x.shape[1]
     return [torch.empty_like(x), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)] + \
         [torch.empty_like(q) for q in params]
@@ -748,23 +787,39 @@ _SCALARS = ("H", "Hh", "E", "layer_norm", "forget_bias", "ln_eps")
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, *scalars = inputs
+    x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, *scalars = inputs
     ctx.scalars = scalars[:6]
+    ctx.p_drop = p_drop
     ctx.state_dtypes = [s.dtype for s in (h0, c0, hh0, ch0)]
     ctx.n_params = len(params)
-    ctx.save_for_backward(x, m_main, m_hyper, *params, *output[5:])
+    ctx.save_for_backward(x, m_main, m_hyper, seed, *params, *output[5:])
 
 
 def _backward(ctx, grads):
-    x, m_main, m_hyper, *rest = ctx.saved_tensors
+    x, m_main, m_hyper, seed, *rest = ctx.saved_tensors
     params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
     if not saved:
         raise RuntimeError("hyperkern::hyper_lstm_triton ran with save=False: nothing kept for the backward")
     d_out, dh, dc, dhh, dch = grads[:5]
     res = torch.ops.hyperkern.hyper_lstm_triton_backward(
-        x, list(params), list(saved), m_main, m_hyper, d_out, dh, dc, dhh, dch, *ctx.scalars)
+        x, list(params), list(saved), m_main, m_hyper, seed, ctx.p_drop, d_out, dh, dc, dhh, dch, *ctx.scalars)
     d_state = [g.to(dt) for g, dt in zip(res[1:5], ctx.state_dtypes)]
-    return (res[0], *d_state, list(res[5:]), None, None, None) + (None,) * 7
+    return (res[0], *d_state, list(res[5:])) + (None,) * 12  # lengths, m_main, m_hyper, seed, p_drop, 7 scalars
+
+
+def _masks_to_op(masks):
+    """A backend's ``masks`` as the op's ``(m_main, m_hyper, seed, p_drop)`` arguments."""
+    if isinstance(masks, DropoutSeed):
+        return None, None, masks.seed, masks.p
+    if masks is None:
+        return None, None, None, 0.0
+    return masks[0], masks[1], None, 0.0
+
+
+def _masks_from_op(m_main, m_hyper, seed, p_drop):
+    if seed is not None:
+        return DropoutSeed(seed, float(p_drop))
+    return None if m_main is None else (m_main, m_hyper)
 
 
 hyper_lstm_triton_op.register_autograd(_backward, setup_context=_setup_context)

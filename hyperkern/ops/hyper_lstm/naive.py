@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .common import CellConfig, Lengths, Masks
+from .dropout import mask_tensors
 
 
 def layer_norm(a: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -76,6 +77,7 @@ def hyper_lstm_sequence(
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Run one cell over ``x [T, B, X]`` (calling convention in ``common``)."""
     T = x.shape[0]
+    masks = mask_tensors(masks, T, x.shape[1], cfg.hidden_size, cfg.hyper_size, x.dtype)
     outputs = []
     for t in range(T):
         step_masks = (masks[0][t], masks[1][t]) if masks is not None else (None, None)
