@@ -103,15 +103,34 @@ def cell_params(cfg, seed: int):
     return {n: p.detach() for n, p in cell.params().items()}
 
 
-def sequence_inputs(cfg, T: int, B: int, seed: int, dropout: float = 0.0):
-    """float64 ``x [T, B, X]``, an initial state and (with ``dropout``) inverted recurrent-dropout masks."""
+def sequence_inputs(cfg, T: int, B: int, seed: int, dropout: float = 0.0, seeded: bool = False):
+    """float64 ``x [T, B, X]``, an initial state and (with ``dropout``) recurrent dropout: inverted
+    mask tensors, or (``seeded``) a ``DropoutSeed`` that every backend turns into the same masks."""
+    from hyperkern.ops.hyper_lstm.dropout import DropoutSeed
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, B, cfg.input_size, generator=g, dtype=torch.float64)
     st = tuple(0.5 * torch.randn(B, n, generator=g, dtype=torch.float64)
                for n in (cfg.hidden_size, cfg.hidden_size, cfg.hyper_size, cfg.hyper_size))
     masks = None
-    if dropout:
+    if dropout and seeded:
+        masks = DropoutSeed.draw(dropout, "cpu", generator=g)
+    elif dropout:
         keep = 1.0 - dropout
         masks = tuple(torch.bernoulli(torch.full((T, B, n), keep, dtype=torch.float64), generator=g) / keep
                       for n in (cfg.hidden_size, cfg.hyper_size))
     return x, st, masks
+
+
+def masks_to(masks, device, dtype):
+    """Recurrent dropout moved to ``device``: mask tensors also cast to ``dtype``; a seed keeps int64."""
+    from hyperkern.ops.hyper_lstm.dropout import DropoutSeed
+
+    if masks is None:
+        return None
+    if isinstance(masks, DropoutSeed):
+        return DropoutSeed(masks.seed.to(device), masks.p)
+    return tuple(m.to(device, dtype) for m in masks)
+
+
+MASK_KINDS = ("tensors", "seeded")  # parametrize ids: recurrent dropout as given masks / from a seed

@@ -3,8 +3,9 @@
 Without a GPU the kernels run in the Triton interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1). Gradients of the input, the initial state and every parameter are compared
 with the float64 reference's autograd at odd sizes (nothing a multiple of a block), with and
-without layer norm, multi-layer, bidirectional, variable length, recurrent-dropout masks; plus NaN
-guard zones around every buffer, launch counting and bitwise determinism.
+without layer norm, multi-layer, bidirectional, variable length, recurrent dropout (given masks, and
+seeded: the kernels draw the masks with tl.rand and the reference rebuilds the same ones); plus
+NaN guard zones around every buffer, launch counting and bitwise determinism.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import os
 import pytest
 import torch
 
-from conftest import GRAD_TOL_FP32, cell_params, count_launches, layer_pair, rel_err, sequence_inputs
+from conftest import (GRAD_TOL_FP32, MASK_KINDS, cell_params, count_launches, layer_pair, masks_to, rel_err,
+                      sequence_inputs)
 from hyperkern import HyperLSTM
 from hyperkern.ops.hyper_lstm import naive
 from hyperkern.ops.hyper_lstm.common import CellConfig
@@ -142,28 +144,29 @@ def _backend_grads(fn, x, st, p, cfg, lengths, masks, dtype, seed):
     """{name: grad} of <d_out, out> + <d_fin, final state> through a backend function."""
     cv = lambda t: t.to(DEVICE, dtype).clone().requires_grad_()  # noqa: E731
     xs, ss, ps = cv(x), tuple(map(cv, st)), {n: cv(v) for n, v in p.items()}
-    ms = None if masks is None else tuple(m.to(DEVICE, dtype) for m in masks)
-    out, fin = fn(xs, ss, ps, cfg, lengths, ms)
+    out, fin = fn(xs, ss, ps, cfg, lengths, masks_to(masks, DEVICE, dtype))
     d_out, d_fin = _upstream(x.shape[0], x.shape[1], cfg, seed)
     leaves = [xs, *ss, *ps.values()]
     grads = torch.autograd.grad([out, *fin], leaves, [d_out.to(out), *(d.to(out) for d in d_fin)])
     return dict(zip(["input", "h0", "c0", "h_hat0", "c_hat0", *ps], grads))
 
 
+@pytest.mark.parametrize("masks_kind", MASK_KINDS)
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
-def test_nan_guard_zones_lengths_and_dropout_masks(layer_norm):
+def test_nan_guard_zones_lengths_and_dropout_masks(layer_norm, masks_kind):
     """The backward launcher with NaN guard zones around every buffer and parameter copy, every
-    per-step gradient buffer starting as NaN (each row must be written), recurrent-dropout masks
-    and variable length; gradients against float64 reference autograd."""
+    per-step gradient buffer (and the seeded-mask scratch) starting as NaN (each row must be
+    written), recurrent dropout and variable length; gradients against float64 reference autograd."""
     cfg = CellConfig(**ODD, layer_norm=layer_norm, forget_bias=0.4, ln_eps=1e-2)
     T, B = 4, 3
     p = cell_params(cfg, 45)
-    x, st, masks = sequence_inputs(cfg, T, B, 46, dropout=0.4)
+    x, st, masks = sequence_inputs(cfg, T, B, 46, dropout=0.4, seeded=masks_kind == "seeded")
     lengths = torch.tensor([4, 3, 1])
     want = _backend_grads(naive.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float64, 47)
 
     f32 = lambda t: t.to(DEVICE, torch.float32)  # noqa: E731
-    xd, std, pd, md = f32(x), tuple(map(f32, st)), {n: f32(v) for n, v in p.items()}, tuple(map(f32, masks))
+    xd, std, pd = f32(x), tuple(map(f32, st)), {n: f32(v) for n, v in p.items()}
+    md = masks_to(masks, DEVICE, torch.float32)
     _, _, fbuf = fused_triton.run_sequence(xd, std, pd, cfg, lengths, md, guard=5, save=True)
     assert fbuf.check_guards() == []
     d_out, d_fin = _upstream(T, B, cfg, 47)
@@ -179,11 +182,12 @@ def test_nan_guard_zones_lengths_and_dropout_masks(layer_norm):
     _compare(list(want), list(got.values()), list(want.values()), GTOL[torch.float32])
 
 
-def test_dropout_masks_matter_in_backward():
+@pytest.mark.parametrize("masks_kind", MASK_KINDS)
+def test_dropout_masks_matter_in_backward(masks_kind):
     """A test that could not fail would be a defect: the backward must use the masks."""
     cfg = CellConfig(**ODD)
     p = cell_params(cfg, 48)
-    x, st, masks = sequence_inputs(cfg, 3, 2, 49, dropout=0.5)
+    x, st, masks = sequence_inputs(cfg, 3, 2, 49, dropout=0.5, seeded=masks_kind == "seeded")
     a = _backend_grads(fused_triton.hyper_lstm_sequence, x, st, p, cfg, None, masks, torch.float32, 50)
     b = _backend_grads(fused_triton.hyper_lstm_sequence, x, st, p, cfg, None, None, torch.float32, 50)
     assert rel_err(a["weight_hh"].cpu(), b["weight_hh"].cpu()) > 1e-2
@@ -199,16 +203,17 @@ def _count_launches(monkeypatch):
 
 def test_backward_launches_per_step(monkeypatch):
     """(backward launches at T=6 - at T=3) / 3: exactly 2 per step (issue: at most 4), nothing
-    launched outside the loop."""
+    launched outside the loop; seeded recurrent dropout adds no launch (drawn inside the cell kernels)."""
     counts = _count_launches(monkeypatch)
     cfg = CellConfig(input_size=5, hidden_size=16, hyper_size=8, embed_size=2)
     p = cell_params(cfg, 51)
     per_T = {}
     for T in (3, 6):
-        x, st, _ = sequence_inputs(cfg, T, 2, 52)
+        x, st, masks = sequence_inputs(cfg, T, 2, 52, dropout=0.3, seeded=True)
         cv = lambda t: t.to(DEVICE, torch.float32).requires_grad_()  # noqa: E731
         xs, ps = cv(x), {n: cv(v) for n, v in p.items()}
-        out, fin = fused_triton.hyper_lstm_sequence(xs, tuple(s.to(DEVICE, torch.float32) for s in st), ps, cfg)
+        out, fin = fused_triton.hyper_lstm_sequence(xs, tuple(s.to(DEVICE, torch.float32) for s in st), ps, cfg,
+                                                    None, masks_to(masks, DEVICE, torch.float32))
         counts.clear()
         torch.autograd.grad(out.sum() + fin[1].sum(), [xs, *ps.values()])
         assert all("bwd" in c for c in counts)
@@ -220,13 +225,14 @@ def test_backward_launches_per_step(monkeypatch):
 
 def test_backward_is_bitwise_deterministic():
     """Two backward passes over the same graph (retain_graph) and a second forward+backward give
-    bitwise-identical gradients: no atomics, fixed reduction orders."""
+    bitwise-identical gradients: no atomics, fixed reduction orders, the same seeded masks drawn
+    again each time."""
     cfg = CellConfig(**ODD)
     p = cell_params(cfg, 53)
-    x, st, masks = sequence_inputs(cfg, 4, 3, 54, dropout=0.3)
+    x, st, masks = sequence_inputs(cfg, 4, 3, 54, dropout=0.3, seeded=True)
     cv = lambda t: t.to(DEVICE, torch.float32).requires_grad_()  # noqa: E731
     xs, ss, ps = cv(x), tuple(map(cv, st)), {n: cv(v) for n, v in p.items()}
-    ms = tuple(m.to(DEVICE, torch.float32) for m in masks)
+    ms = masks_to(masks, DEVICE, torch.float32)
     leaves = [xs, *ss, *ps.values()]
     out, fin = fused_triton.hyper_lstm_sequence(xs, ss, ps, cfg, torch.tensor([4, 4, 2]), ms)
     loss = (out * out).sum() + sum((f * f).sum() for f in fin)
@@ -241,29 +247,33 @@ def test_backward_is_bitwise_deterministic():
 
 # --- torch.library registration, torch.compile -------------------------------------------------
 
-def _op_args(requires_grad: bool, save: bool):
+def _op_args(requires_grad: bool, save: bool, seeded: bool = False):
     cfg = CellConfig(input_size=3, hidden_size=5, hyper_size=4, embed_size=2)
     g = torch.Generator().manual_seed(55)
     P = [(0.3 * torch.randn(s, generator=g)).to(DEVICE).requires_grad_(requires_grad)
          for s in cfg.param_shapes().values()]
     x = torch.randn(2, 2, 3, generator=g).to(DEVICE).requires_grad_(requires_grad)
     st = [(0.5 * torch.randn(2, n, generator=g)).to(DEVICE) for n in (5, 5, 4, 4)]
-    return (x, *st, P, None, None, None, 5, 4, 2, True, 1.0, 1e-3, save)
+    seed = torch.tensor([987654321], dtype=torch.int64, device=DEVICE) if seeded else None
+    return (x, *st, P, None, None, None, seed, 0.25 if seeded else 0.0, 5, 4, 2, True, 1.0, 1e-3, save)
 
 
+@pytest.mark.parametrize("seeded", [False, True], ids=["nodrop", "seeded"])
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-def test_custom_op_opcheck(requires_grad):
+def test_custom_op_opcheck(requires_grad, seeded):
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
-    dispatch of hyperkern::hyper_lstm_triton."""
-    torch.library.opcheck(torch.ops.hyperkern.hyper_lstm_triton.default, _op_args(requires_grad, requires_grad))
+    dispatch of hyperkern::hyper_lstm_triton (with and without a dropout seed)."""
+    torch.library.opcheck(torch.ops.hyperkern.hyper_lstm_triton.default,
+                          _op_args(requires_grad, requires_grad, seeded))
 
 
 def test_torch_compile_fullgraph_matches_eager():
     """torch.compile(fullgraph=True) of a function using the layer (backend="triton") traces the
     whole layer with the op as one node (fullgraph raises on any graph break) and gives the eager
-    loss and gradients. aot_eager: the op's kernels run as in eager (interpreter on CPU)."""
+    loss and gradients. aot_eager: the op's kernels run as in eager (interpreter on CPU). Recurrent
+    dropout on: the seed is drawn inside the graph, so the same torch.manual_seed gives the same masks."""
     torch._dynamo.reset()
-    layer = HyperLSTM(3, 5, hyper_size=4, embed_size=2, backend="triton").to(DEVICE)
+    layer = HyperLSTM(3, 5, hyper_size=4, embed_size=2, recurrent_dropout=0.3, backend="triton").to(DEVICE)
     randomize_(layer, torch.Generator().manual_seed(56))
     x = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(57)).to(DEVICE)
 
@@ -272,10 +282,12 @@ def test_torch_compile_fullgraph_matches_eager():
         return (out * out).sum() + st.c.sum()
 
     xe = x.clone().requires_grad_()
+    torch.manual_seed(3)
     le = f(xe)
     ge = torch.autograd.grad(le, [xe, *layer.parameters()])
     cf = torch.compile(f, backend="aot_eager", fullgraph=True)
     xc = x.clone().requires_grad_()
+    torch.manual_seed(3)
     lc = cf(xc)
     gc = torch.autograd.grad(lc, [xc, *layer.parameters()])
     assert torch.equal(le.detach(), lc.detach())
@@ -291,7 +303,7 @@ def test_recompute_mode_bitwise_equal_and_saves_less(monkeypatch):
     (4 launches per step) and gives bitwise the same gradients as the default mode."""
     cfg = CellConfig(**ODD)
     p = cell_params(cfg, 58)
-    x, st, masks = sequence_inputs(cfg, 3, 3, 59, dropout=0.3)
+    x, st, masks = sequence_inputs(cfg, 3, 3, 59, dropout=0.3, seeded=True)
     lengths = torch.tensor([3, 2, 1])
     full = _backend_grads(fused_triton.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float32, 60)
     counts = _count_launches(monkeypatch)
@@ -313,15 +325,17 @@ def test_recompute_mode_bitwise_equal_and_saves_less(monkeypatch):
     assert kept["full"] == kept["states"] + 4 * T * B * (4 * H + 4 * H + 4 * Hh + 12 * E + 4 * H + 4 * Hh)
 
 
-def test_recompute_mode_with_guards():
+@pytest.mark.parametrize("masks_kind", MASK_KINDS)
+def test_recompute_mode_with_guards(masks_kind):
     cfg = CellConfig(**ODD, layer_norm=False)
     T, B = 3, 2
     p = cell_params(cfg, 61)
-    x, st, masks = sequence_inputs(cfg, T, B, 62, dropout=0.3)
+    x, st, masks = sequence_inputs(cfg, T, B, 62, dropout=0.3, seeded=masks_kind == "seeded")
     lengths = torch.tensor([3, 2])
     want = _backend_grads(naive.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float64, 63)
     f32 = lambda t: t.to(DEVICE, torch.float32)  # noqa: E731
-    xd, std, pd, md = f32(x), tuple(map(f32, st)), {n: f32(v) for n, v in p.items()}, tuple(map(f32, masks))
+    xd, std, pd = f32(x), tuple(map(f32, st)), {n: f32(v) for n, v in p.items()}
+    md = masks_to(masks, DEVICE, torch.float32)
     _, _, fbuf = fused_triton.run_sequence(xd, std, pd, cfg, lengths, md, guard=3, save="states")
     assert "P" not in fbuf.saved and "XP" not in fbuf.saved
     d_out, d_fin = _upstream(T, B, cfg, 63)
@@ -390,17 +404,18 @@ def test_perf_model_backward_rows():
 # --- float64 through the kernels: gradcheck ---------------------------------------------------
 
 @pytest.mark.skipif(CUDA, reason="float64 kernels are an interpreter-only test mode")
-def test_gradcheck_float64_through_the_kernels():
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["noln", "ln"])
+def test_gradcheck_float64_through_the_kernels(layer_norm):
     """torch.autograd.gradcheck (float64) of the custom op, forward AND backward through the
-    Triton kernels (interpreter, float64 state / accumulators), on a tiny cell without layer norm
-    (fewer interpreted ops; the layer-norm path is checked to 1e-12 below) with variable length and
-    recurrent-dropout masks: input, initial state and every parameter. ``fast_mode`` (a random
-    projection of the Jacobian per input tensor): a full-mode check needs ~550 interpreted
-    forwards (~3 min); the float64 comparison below covers every entry."""
-    cfg = CellConfig(input_size=2, hidden_size=3, hyper_size=2, embed_size=1, layer_norm=False)
+    Triton kernels (interpreter, float64 state / accumulators), on a tiny cell with and without
+    layer norm, with variable length and seeded recurrent dropout: input, initial state and every
+    parameter. ``fast_mode`` (a random projection of the Jacobian per input tensor): full mode needs
+    ~550 interpreted forwards (minutes; run once by hand, see docs/triton_backward.md); the float64
+    comparison below covers every entry."""
+    cfg = CellConfig(input_size=2, hidden_size=3, hyper_size=2, embed_size=1, layer_norm=layer_norm)
     T, B = 2, 2
     p = cell_params(cfg, 66)
-    x, st, masks = sequence_inputs(cfg, T, B, 67, dropout=0.3)
+    x, st, masks = sequence_inputs(cfg, T, B, 67, dropout=0.3, seeded=True)
     lengths = torch.tensor([2, 1])
     names = list(p)
 
@@ -421,7 +436,7 @@ def test_float64_kernels_match_reference_to_1e12():
     rounding (so the fp32 tolerances above measure fp32 rounding, not a wrong formula)."""
     cfg = CellConfig(**ODD)
     p = cell_params(cfg, 68)
-    x, st, masks = sequence_inputs(cfg, 3, 3, 69, dropout=0.3)
+    x, st, masks = sequence_inputs(cfg, 3, 3, 69, dropout=0.3, seeded=True)
     lengths = torch.tensor([3, 3, 1])
     want = _backend_grads(naive.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float64, 70)
     with fused_triton.float64_interpreter():

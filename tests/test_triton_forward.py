@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import TOL, cell_params, count_launches, layer_pair, rel_err, sequence_inputs
+from conftest import MASK_KINDS, TOL, cell_params, count_launches, layer_pair, masks_to, rel_err, sequence_inputs
 from hyperkern.ops import hyper_lstm as op
 from hyperkern.ops.hyper_lstm import naive
 from hyperkern.ops.hyper_lstm.common import CellConfig
@@ -150,19 +150,21 @@ def test_unbatched_and_batch_first_fp32():
 
 def _to(dtype, x, st, p, masks):
     cv = lambda t: t.to(DEVICE, dtype)  # noqa: E731
-    return cv(x), tuple(map(cv, st)), {n: cv(v) for n, v in p.items()}, (None if masks is None else tuple(map(cv, masks)))
+    return cv(x), tuple(map(cv, st)), {n: cv(v) for n, v in p.items()}, masks_to(masks, DEVICE, dtype)
 
 
+@pytest.mark.parametrize("masks_kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layer_norm", [True, False], ids=["ln", "noln"])
-def test_nan_guard_zones_lengths_and_dropout_masks(dtype, layer_norm):
-    """Every internal buffer and parameter copy sits in a NaN-filled allocation, scratch starts as
-    NaN, and the output is a view into a NaN-filled tensor: no guard may be written, nothing read
-    outside what was written may leak into the (finite, correct) results."""
+def test_nan_guard_zones_lengths_and_dropout_masks(dtype, layer_norm, masks_kind):
+    """Every internal buffer and parameter copy sits in a NaN-filled allocation, scratch (the
+    seeded-mask scratch too) starts as NaN, and the output is a view into a NaN-filled tensor: no
+    guard may be written, nothing read outside what was written may leak into the (finite,
+    correct) results. Seeded: the reference rebuilds the kernels' masks from the same seed."""
     cfg = CellConfig(**ODD, layer_norm=layer_norm, forget_bias=0.4, ln_eps=1e-2)
     T, B = 4, 3
     p = cell_params(cfg, 20)
-    x, st, masks = sequence_inputs(cfg, T, B, 21, dropout=0.4)
+    x, st, masks = sequence_inputs(cfg, T, B, 21, dropout=0.4, seeded=masks_kind == "seeded")
     lengths = torch.tensor([4, 3, 1])
     want_out, want_state = naive.hyper_lstm_sequence(x, st, p, cfg, lengths, masks)
     big = torch.full((T + 2, B + 3, cfg.hidden_size + 11), float("nan"), dtype=dtype, device=DEVICE)
@@ -178,11 +180,12 @@ def test_nan_guard_zones_lengths_and_dropout_masks(dtype, layer_norm):
     _check(out, final, want_out, want_state, dtype)
 
 
-def test_masks_matter():
+@pytest.mark.parametrize("masks_kind", MASK_KINDS)
+def test_masks_matter(masks_kind):
     """A test that could not fail would be a defect: different masks must change the result."""
     cfg = CellConfig(**ODD)
     p = cell_params(cfg, 22)
-    x, st, masks = sequence_inputs(cfg, 3, 3, 23, dropout=0.5)
+    x, st, masks = sequence_inputs(cfg, 3, 3, 23, dropout=0.5, seeded=masks_kind == "seeded")
     xd, std, pd, md = _to(torch.float32, x, st, p, masks)
     with torch.no_grad():
         a, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None, md)
@@ -197,17 +200,18 @@ def _count_launches(monkeypatch):
 
 
 def test_launches_per_step(monkeypatch):
-    """(launches at T=8 - launches at T=4) / 4: exactly 2 per step (issue: at most 3)."""
+    """(launches at T=8 - launches at T=4) / 4: exactly 2 per step (issue: at most 3), with seeded
+    recurrent dropout on (drawn inside the cell kernel: no launch of its own)."""
     counts = _count_launches(monkeypatch)
     cfg = CellConfig(input_size=5, hidden_size=16, hyper_size=8, embed_size=2)
     p = cell_params(cfg, 24)
     per_T = {}
     for T in (4, 8):
-        x, st, _ = sequence_inputs(cfg, T, 2, 25)
-        xd, std, pd, _ = _to(torch.float32, x, st, p, None)
+        x, st, masks = sequence_inputs(cfg, T, 2, 25, dropout=0.3, seeded=True)
+        xd, std, pd, md = _to(torch.float32, x, st, p, masks)
         counts.clear()
         with torch.no_grad():
-            fused_triton.hyper_lstm_sequence(xd, std, pd, cfg)
+            fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None, md)
         per_T[T] = len(counts)
     per_step = (per_T[8] - per_T[4]) / 4
     assert per_step == 2 and per_step <= 3
@@ -216,19 +220,30 @@ def test_launches_per_step(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs a GPU")
 def test_time_loop_captures_in_a_cuda_graph():
+    """The time loop captures as it stands; with seeded dropout the seed is a device tensor, so a
+    replay after a new seed was copied in draws new masks (a host int would be frozen in the graph)."""
+    from hyperkern.ops.hyper_lstm.dropout import DropoutSeed
+
     cfg = CellConfig(input_size=7, hidden_size=64, hyper_size=16, embed_size=4)
     p = cell_params(cfg, 26)
     x, st, _ = sequence_inputs(cfg, 6, 4, 27)
     xd, std, pd, _ = _to(torch.float32, x, st, p, None)
+    seed = torch.tensor([11], dtype=torch.int64, device=DEVICE)
+    drop = DropoutSeed(seed, 0.3)
     with torch.no_grad():
-        want, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg)  # also compiles the kernels
+        want, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None, drop)  # also compiles the kernels
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg)
+            out, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None, drop)
         graph.replay()
         torch.cuda.synchronize()
-    assert torch.equal(out, want)
+        assert torch.equal(out, want)
+        seed.fill_(12)
+        graph.replay()
+        want12, _ = fused_triton.hyper_lstm_sequence(xd, std, pd, cfg, None, drop)
+        torch.cuda.synchronize()
+    assert torch.equal(out, want12) and not torch.equal(want12, want)
 
 
 # --- errors, dispatch, training --------------------------------------------------------------
