@@ -50,7 +50,11 @@ PEAKS = {
     "sm_bw": 55e9,  # HBM bandwidth one SM sustains alone
     "l2_bw": 5.5e12,  # L2 read bandwidth
     "sm_l2_bw": 110e9,  # L2 bandwidth one SM sustains alone (~64 B/clk)
+    "sm_int_ops": 64 * 1.755e9,  # 32-bit integer lane-ops per second on one SM (64 INT32 lanes/clk)
 }
+# integer instructions per seeded-dropout mask element: 10 Philox rounds of 2 IMAD.HI + 2 IMAD +
+# 2 LOP3 (+ uniform key adds), then int->float, scale, compare, select and the store's address
+PHILOX_OPS = 90
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -162,6 +166,16 @@ def kernel_model(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
     return {"gates": gates, "cell": cell, "configs": {"gates": asdict(g), "cell": asdict(c)}}
 
 
+def dropout_us(s: Shape, rows_per_program: int) -> float:
+    """Modelled µs one cell kernel (forward or backward) adds per step with seeded recurrent
+    dropout: its first pass draws ``rows_per_program × (H + Hh)`` Philox numbers on one SM's integer
+    pipes and writes them to the mask scratch, which the gate passes re-read from L2. The pass is
+    serial with the rest of the program, so the time adds. Only the cell kernels change."""
+    n = rows_per_program * (s.H + s.Hh)
+    p = PEAKS
+    return (n * PHILOX_OPS / p["sm_int_ops"] + 2 * 4 * n / p["sm_l2_bw"] + p["latency_l2"]) * 1e6
+
+
 def _kernel_time(k: Dict[str, float], dtype: str, launch: float) -> float:
     p = PEAKS
     active = min(k["programs"], p["sms"])
@@ -172,6 +186,8 @@ def _kernel_time(k: Dict[str, float], dtype: str, launch: float) -> float:
 
 
 def predict(s: Shape, dtype: str) -> Dict[str, float]:
+    from hyperkern.ops.hyper_lstm.fused_triton import choose_configs
+
     p = PEAKS
     km = kernel_model(s, dtype)
     wb = DTYPE_BYTES[dtype]
@@ -185,6 +201,7 @@ def predict(s: Shape, dtype: str) -> Dict[str, float]:
     out["gates_us"] = _kernel_time(km["gates"], dtype, p["launch_graph"]) * 1e6
     out["cell_us"] = _kernel_time(km["cell"], dtype, p["launch_graph"]) * 1e6
     out["hoist_us"] = hoist * 1e6
+    out["dropout_us"] = dropout_us(s, choose_configs(s.B, s.H, s.Hh)[1].BMC)
     return out
 
 
@@ -212,6 +229,7 @@ def rows(shapes: Sequence[Shape] = SHAPES, dtypes: Sequence[str] = ("fp32", "bf1
                    "bytes_ratio": mb / mn, "launches_step": 2,
                    "pred_us_graph": pr["graph"] * 1e6, "pred_us_host": pr["host"] * 1e6,
                    "gates_us": pr["gates_us"], "cell_us": pr["cell_us"], "hoist_us": pr["hoist_us"],
+                   "dropout_us": pr["dropout_us"],
                    "weights_fit_l2": recurrent_param_elems(s) * DTYPE_BYTES[dt] < PEAKS["l2_bytes"],
                    "configs": km["configs"], "measured_us": None}
             if measure_on_gpu:
@@ -327,6 +345,7 @@ def predict_bwd(s: Shape, dtype: str) -> Dict[str, float]:
     fwd = kernel_model(s, dtype)
     re = sum(_kernel_time(fwd[k], dtype, p["launch_graph"]) for k in ("gates", "cell"))
     return {"loop_us": loop * 1e6, "post_us": post * 1e6, "total_us": (loop + post) * 1e6,
+            "dropout_us": dropout_us(s, km["configs"]["cell_bwd"]["BMC"]),
             "recompute_total_us": (loop + post + re) * 1e6,
             "cell_bwd_us": _kernel_time(km["cell_bwd"], dtype, p["launch_graph"]) * 1e6,
             "gates_bwd_us": _kernel_time(km["gates_bwd"], dtype, p["launch_graph"]) * 1e6}
@@ -349,33 +368,34 @@ def rows_bwd(shapes: Sequence[Shape] = SHAPES, dtypes: Sequence[str] = ("fp32", 
                         "saved_bytes_step_recompute": saved_bytes_per_step(s, "states"),
                         "pred_us_step": pr["total_us"], "pred_us_step_recompute": pr["recompute_total_us"],
                         "cell_bwd_us": pr["cell_bwd_us"], "gates_bwd_us": pr["gates_bwd_us"],
-                        "post_us": pr["post_us"], "configs": km["configs"]})
+                        "post_us": pr["post_us"], "dropout_us": pr["dropout_us"], "configs": km["configs"]})
     return out
 
 
 def format_table_bwd(rs: Sequence[Dict]) -> str:
     head = ["shape", "dtype", "B", "GFLOP/step", "model MB/step", "L2 MB/step", "launch/step", "saved KB/step",
             "saved KB/step (recompute)", "pred µs/step", "pred µs/step (recompute)", "cell_bwd µs", "gates_bwd µs",
-            "post-loop µs"]
+            "post-loop µs", "+ seeded dropout µs"]
     lines = [[r["shape"], r["dtype"], str(r["B"]), f"{r['flops_step'] / 1e9:.3f}", f"{r['model_bytes_step'] / 1e6:.2f}",
               f"{r['l2_bytes_step'] / 1e6:.2f}", f"{r['launches_step']} ({r['launches_step_recompute']})",
               f"{r['saved_bytes_step'] / 1e3:.1f}", f"{r['saved_bytes_step_recompute'] / 1e3:.1f}",
               f"{r['pred_us_step']:.1f}", f"{r['pred_us_step_recompute']:.1f}", f"{r['cell_bwd_us']:.1f}",
-              f"{r['gates_bwd_us']:.1f}", f"{r['post_us']:.1f}"] for r in rs]
+              f"{r['gates_bwd_us']:.1f}", f"{r['post_us']:.1f}", f"{r['dropout_us']:.1f}"] for r in rs]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda vals: "  ".join(x.rjust(w) for x, w in zip(vals, widths))  # noqa: E731
     return "\n".join(["HyperLSTM Triton backward (BPTT), per timestep of one cell (modelled, not measured; "
                        "same assumed H100 peaks; CUDA-graph launches)", fmt(head), fmt(["-" * w for w in widths])]
                      + [fmt(l) for l in lines]
                      + ["saved = bytes kept from forward to backward for all B samples (fp32); post-loop = the "
-                        "weight-gradient GEMMs amortised over T; recompute adds the two forward kernels per step."])
+                        "weight-gradient GEMMs amortised over T; recompute adds the two forward kernels per step; "
+                        "seeded dropout: the cell-backward kernel draws the step's masks again (recompute: twice)."])
 
 
 def format_table(rs: Sequence[Dict]) -> str:
     measured = any(r.get("measured_us") is not None for r in rs)
     head = ["shape", "dtype", "X", "H", "Hh", "E", "B", "GFLOP/step", "min MB/step", "model MB/step", "ratio",
             "L2 MB/step",
-            "launch/step", "pred µs/step graph", "pred µs/step host", "gates µs", "cell µs"]
+            "launch/step", "pred µs/step graph", "pred µs/step host", "gates µs", "cell µs", "+ seeded dropout µs"]
     if measured:
         head += ["measured µs/step", "measured/pred(host)"]
     lines = []
@@ -385,7 +405,7 @@ def format_table(rs: Sequence[Dict]) -> str:
              f"{r['min_bytes_step'] / 1e6:.2f}", f"{r['model_bytes_step'] / 1e6:.2f}", f"{r['bytes_ratio']:.2f}",
              f"{r['l2_bytes_step'] / 1e6:.2f}",
              str(r["launches_step"]), f"{r['pred_us_graph']:.1f}", f"{r['pred_us_host']:.1f}",
-             f"{r['gates_us']:.1f}", f"{r['cell_us']:.1f}"]
+             f"{r['gates_us']:.1f}", f"{r['cell_us']:.1f}", f"{r['dropout_us']:.1f}"]
         if measured:
             m = r.get("measured_us")
             v += ["-" if m is None else f"{m:.1f}", "-" if m is None else f"{m / r['pred_us_host']:.2f}"]
@@ -406,6 +426,9 @@ def format_table(rs: Sequence[Dict]) -> str:
                "output); model MB = HBM traffic of the two kernels (the excess is the P/G/Â/z scratch written back "
                "once); L2 MB = every load and store issued. Weights are counted from HBM every step although they "
                "fit in L2 for every row here (a lower real figure is possible).")
+    out.append("+ seeded dropout = what the cell kernel's Philox pass adds per step when recurrent dropout is on "
+               f"(training; {PHILOX_OPS} integer ops per mask element on one SM per program, plus the mask scratch "
+               "round trip through L2); inference never pays it.")
     out.append("reference: cuDNN's plain LSTM (no hyper cell) at H=768, B=16 runs ~2.0 µs/step on an H100 "
                "(2.01 ms for T=1024, published by FlashRNN's authors).")
     return "\n".join(out)
