@@ -31,19 +31,34 @@ class _BackendAttr:
         self._backend = name
 
 
-class HyperLSTMCell(_BackendAttr, nn.Module):
+class _SeededDropoutAttr:
+    """``seeded_dropout``: ``None`` / ``True`` / ``False``, a settable attribute validated when set;
+    on :class:`HyperLSTM` setting it sets every cell."""
+
+    @property
+    def seeded_dropout(self) -> Optional[bool]:
+        return getattr(self, "_seeded_dropout", None)
+
+    @seeded_dropout.setter
+    def seeded_dropout(self, value: Optional[bool]) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"seeded_dropout must be None, True or False, got {value!r}")
+        self._seeded_dropout = value
+        for cell in getattr(self, "cells", ()):
+            cell.seeded_dropout = value
+
+
+class HyperLSTMCell(_BackendAttr, _SeededDropoutAttr, nn.Module):
     """One HyperLSTM cell (SPEC §1). ``forward(x, state=None) -> (h, state)`` runs one step.
 
     ``x`` is ``[B, input_size]`` (or ``[input_size]`` unbatched); ``state`` is a
     :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` of ``[B, *]`` tensors, zeros if omitted.
 
     ``seeded_dropout`` (attribute): how training-mode recurrent dropout is drawn. ``None`` (default):
-    from a seed on the Triton backend (the kernels draw the masks, nothing is stored), as Bernoulli
+    from a seed on the Triton backend (the kernels draw each step's masks, none is kept), as Bernoulli
     mask tensors on the others (faster on CPU). ``True``: from a seed on every backend, so the same
     ``torch.manual_seed`` gives every backend identical masks. ``False``: always mask tensors.
     """
-
-    seeded_dropout: Optional[bool] = None
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
                  layer_norm: bool = True, forget_bias: float = 1.0, ln_eps: float = 1e-3,
@@ -153,7 +168,7 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
         return new.h, new
 
 
-class HyperLSTM(_BackendAttr, nn.Module):
+class HyperLSTM(_BackendAttr, _SeededDropoutAttr, nn.Module):
     """A stack of HyperLSTM cells shaped like ``nn.LSTM``.
 
     ``forward(input, state=None, lengths=None) -> (output, state)``:
@@ -164,6 +179,9 @@ class HyperLSTM(_BackendAttr, nn.Module):
       each ``[num_layers * num_directions, B, hidden_size or hyper_size]``; zeros if omitted.
     - ``lengths``: optional ``[B]`` valid lengths for a padded ``input`` (an alternative to packing).
     - ``output``: ``[T, B, num_directions * hidden_size]``; zero past each sequence's end.
+
+    ``seeded_dropout`` (attribute; setting it sets every cell): how recurrent dropout is drawn, see
+    :class:`HyperLSTMCell`.
     """
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,

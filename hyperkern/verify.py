@@ -153,8 +153,7 @@ def _build(cfg: Config, backend: str, dtype, device, seed: int):
     train = cfg.recurrent_dropout > 0 or cfg.dropout > 0
     ref.train(train)
     model.train(train)
-    for cell in (*ref.cells, *model.cells):  # recurrent dropout drawn the way the backend under test draws it
-        cell.seeded_dropout = backend == "triton"
+    ref.seeded_dropout = model.seeded_dropout = backend == "triton"  # draw dropout as the backend under test does
 
     def rnd(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen, dtype=F64)).to(dtype).to(F64)

@@ -5,10 +5,12 @@ A backend's ``masks`` argument (calling convention in :mod:`.common`) is one of
 
 - ``None``: no dropout;
 - a pair ``(m_main [T, B, H], m_hyper [T, B, Hh])`` of mask tensors, already scaled by ``1/(1-p)``;
-- a :class:`DropoutSeed` ``(seed, p)``: the masks are a pure function of a seed. The Triton kernels
-  draw them in registers with ``tl.rand`` (forward and backward draw the same numbers; nothing is
-  stored), and :func:`seeded_masks` rebuilds exactly the same masks in plain PyTorch, so the
-  reference and the torch backend can consume a seed too (:func:`mask_tensors`).
+- a :class:`DropoutSeed` ``(seed, p)``: the masks are a pure function of a seed. The Triton cell
+  kernels draw each step's masks with ``tl.rand`` into a ``[B, H + Hh]`` scratch at the start of
+  the step (the backward draws the same numbers again; no ``[T, B, ·]`` mask is ever kept), and
+  :func:`seeded_masks` rebuilds exactly the same masks in plain PyTorch, so the reference and the
+  torch backend can consume a seed too (:func:`mask_tensors`; in fp16/bf16 they then hold the
+  kept value rounded to the input dtype, where the kernels keep it in fp32).
 
 The seeded stream. Element ``(t, b, k)`` of the concatenated mask ``[T, B, H + Hh]`` (main columns
 ``k < H`` first, then the hyper cell's) has the counter ``n = (t·B + b)·(H + Hh) + k`` and is kept iff
@@ -20,7 +22,9 @@ independent, fresh every step, and independent across the batch.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,8 +37,10 @@ _N_ROUNDS = 10
 _UNIFORM_SCALE = 4.6566127342e-10  # triton.language.random.uint_to_uniform_float, 32-bit
 
 
-class DropoutSeed(NamedTuple):
-    """Recurrent dropout drawn from a seed (see the module doc)."""
+@dataclass(frozen=True)
+class DropoutSeed:
+    """Recurrent dropout drawn from a seed (see the module doc). Deliberately not a tuple, so it is
+    never mistaken for a ``(m_main, m_hyper)`` mask pair."""
 
     seed: Tensor  # int64, one element, on the input's device (a device tensor: no host sync)
     p: float  # drop probability, in [0, 1)
@@ -60,10 +66,14 @@ def _mul32(a: Tensor, m: int) -> Tuple[Tensor, Tensor]:
     return high, low
 
 
-def philox_uniform(seed: int, counter: Tensor) -> Tensor:
-    """``tl.rand(seed, counter)`` in plain PyTorch: fp32 uniforms in [0, 1) for an int64 counter tensor."""
-    seed &= (1 << 64) - 1
-    k0, k1 = seed & _M32, seed >> 32
+def philox_uniform(seed: Union[int, Tensor], counter: Tensor) -> Tensor:
+    """``tl.rand(seed, counter)`` in plain PyTorch: fp32 uniforms in [0, 1) for an int64 counter
+    tensor. ``seed``: a Python int or a one-element int64 tensor (kept on the device: no host read)."""
+    if not isinstance(seed, Tensor):
+        seed &= (1 << 64) - 1
+        seed = torch.tensor(seed - (1 << 64) if seed >= 1 << 63 else seed, dtype=torch.int64)
+    seed = seed.reshape(()).to(counter.device)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32  # the 64 bits as (low, high) words, as Triton splits them
     c0 = counter & _M32
     c1 = (counter >> 32) & _M32
     c2 = torch.zeros_like(c0)
@@ -78,15 +88,25 @@ def philox_uniform(seed: int, counter: Tensor) -> Tensor:
     return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
+_CHUNK = 1 << 20  # counters per Philox batch in seeded_masks (bounds its int64 temporaries)
+
+
 def seeded_masks(dropout: DropoutSeed, T: int, B: int, H: int, Hh: int,
                  dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
-    """The masks ``(m_main [T, B, H], m_hyper [T, B, Hh])`` a :class:`DropoutSeed` stands for."""
-    seed = int(dropout.seed.reshape(-1)[0])  # one host read, before any time loop
+    """The masks ``(m_main [T, B, H], m_hyper [T, B, Hh])`` a :class:`DropoutSeed` stands for
+    (generated a few steps at a time, with device tensor ops only)."""
     dev = dropout.seed.device
-    counter = torch.arange(T * B * (H + Hh), dtype=torch.int64, device=dev)
-    keep = philox_uniform(seed, counter) >= torch.tensor(dropout.p, dtype=torch.float32)
+    N = H + Hh
+    m = torch.empty(T, B, N, dtype=dtype, device=dev)
+    p = torch.tensor(dropout.p, dtype=torch.float32, device=dev)
     scale = torch.tensor(keep_scale(dropout.p), dtype=torch.float32, device=dev)
-    m = torch.where(keep, scale, torch.zeros((), dtype=torch.float32, device=dev)).to(dtype).view(T, B, H + Hh)
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    steps = max(1, _CHUNK // max(1, B * N))
+    for t0 in range(0, T, steps):
+        t1 = min(T, t0 + steps)
+        counter = torch.arange(t0 * B * N, t1 * B * N, dtype=torch.int64, device=dev)
+        u = philox_uniform(dropout.seed, counter)
+        m[t0:t1] = torch.where(u >= p, scale, zero).view(t1 - t0, B, N)
     return m[..., :H], m[..., H:]
 
 
@@ -99,10 +119,10 @@ def mask_tensors(masks, T: int, B: int, H: int, Hh: int, dtype: torch.dtype):
 
 def check_seed(masks: DropoutSeed, device) -> None:
     """A clear error for a malformed :class:`DropoutSeed`."""
-    seed, p = masks
+    seed, p = masks.seed, masks.p
     if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
         raise TypeError("masks: DropoutSeed.seed must be an int64 tensor with one element")
     if seed.device != torch.device(device):
         raise ValueError(f"masks: DropoutSeed.seed is on {seed.device}, x on {device}")
-    if not isinstance(p, float) or not 0.0 <= p < 1.0:
-        raise ValueError(f"masks: DropoutSeed.p must be a float in [0, 1), got {p!r}")
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+        raise ValueError(f"masks: DropoutSeed.p must be a number in [0, 1), got {p!r}")

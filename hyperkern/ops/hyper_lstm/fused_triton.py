@@ -11,8 +11,8 @@ Per call (one cell, one direction, calling convention in :mod:`.common`):
 
 Variable length is masked inside the cell kernel from a device ``lengths`` tensor. Recurrent
 dropout comes as a :class:`~.dropout.DropoutSeed` (what the module passes: each cell kernel draws
-its step's masks with ``tl.rand`` in a first pass, and the backward draws the same ones again;
-nothing is kept) or as given mask tensors (see :mod:`.dropout`). Training: when gradients are
+its step's masks with ``tl.rand`` in a first pass into a ``[B, H + Hh]`` scratch, and the backward
+draws the same ones again; no ``[T, B, ·]`` mask is kept) or as given mask tensors (see :mod:`.dropout`). Training: when gradients are
 required the whole sequence is one node, the custom op ``hyperkern::hyper_lstm_triton``
 (registered with ``torch.library``, so ``torch.compile`` does not graph-break on it); its forward keeps every step's state, P, G, Â, z
 (``run_sequence(save="full")``; or only the states inside :class:`recompute`) and its registered
@@ -113,9 +113,10 @@ class CellBwdConfig:
 
 
 # Register budget of both cell kernels (Triton's ``maxnreg``). Left alone, ptxas on sm_90 picks
-# 96 registers for some cell configurations and spills 4-28 B to stay there (an occupancy heuristic);
-# the cell kernels launch only cdiv(B, BMC) programs (fewer than the SMs), so occupancy is not what
-# limits them and they may have every register they want (255 x 256 threads fits an SM's 64K).
+# 96 registers for some cell configurations and spills 4-28 B to stay there (an occupancy heuristic).
+# The cell kernels launch cdiv(B, BMC) programs: at most an H100's 132 SMs up to B = 528 (forward)
+# / 264 (backward), where occupancy cannot matter; beyond, the 4-warp configurations used there
+# still fit 2 blocks per SM at 255 registers (an SM has 64K). Not tuned on a GPU.
 CELL_MAXNREG = 255
 
 GATES_BWD_TABLE: Tuple[Tuple[Optional[int], GatesBwdConfig], ...] = (
@@ -496,7 +497,7 @@ class _DropoutArgs:
         B = x.shape[1]
         p, mode, seed = 0.0, 0, None
         if isinstance(masks, DropoutSeed):
-            mode, p, seed = 2, masks.p, masks.seed.reshape(1)
+            mode, p, seed = 2, float(masks.p), masks.seed.reshape(1)
             scratch = buf.new("m_seeded", (B, H + Hh), acc, fill=float("nan") if buf.guard else None)
             self.m_main, self.m_hyper = scratch[:, :H], scratch[:, H:]
             self.strides_main = self.strides_hyper = (0, scratch.stride(0))
@@ -810,7 +811,7 @@ def _backward(ctx, grads):
 def _masks_to_op(masks):
     """A backend's ``masks`` as the op's ``(m_main, m_hyper, seed, p_drop)`` arguments."""
     if isinstance(masks, DropoutSeed):
-        return None, None, masks.seed, masks.p
+        return None, None, masks.seed, float(masks.p)
     if masks is None:
         return None, None, None, 0.0
     return masks[0], masks[1], None, 0.0
