@@ -39,12 +39,12 @@ if triton is not None:
         tl.store(out_ptr + i, u, mask=i < n)
 
     @triton.jit
-    def _draw_all_kernel(seed_ptr, m_ptr, stride_t, stride_b, B, N, p_drop, drop_scale,
+    def _draw_all_kernel(seed_ptr, m_ptr, stride_t, stride_b, t0, B, N, p_drop, drop_scale,
                          BMC: tl.constexpr, BN: tl.constexpr):
-        """Every step's masks through the cell kernels' own pass: program (t, row block)."""
-        t = tl.program_id(0)
+        """Steps t0 + i through the cell kernels' own pass: program (i, row block) writes m[i]."""
+        i = tl.program_id(0)
         rows = tl.program_id(1) * BMC + tl.arange(0, BMC)
-        _draw_masks(seed_ptr, m_ptr + t * stride_t, stride_b, rows, rows < B, tl.full([], 0, tl.int64) + t,
+        _draw_masks(seed_ptr, m_ptr + i * stride_t, stride_b, rows, rows < B, tl.full([], 0, tl.int64) + t0 + i,
                     B, N, p_drop, drop_scale, BMC, BN)
 
 
@@ -77,7 +77,8 @@ def test_masks_statistics_values_and_independence():
 
 
 def test_masks_follow_the_documented_counter():
-    """Element (t, b, k) of the concatenated mask uses counter (t·B + b)·(H + Hh) + k."""
+    """The layout: element (t, b, k) of the concatenated mask uses counter (t·B + b)·(H + Hh) + k
+    (that the numbers are Triton's is the tl.rand test below)."""
     T, B, H, Hh, p, seed = 3, 4, 7, 5, 0.5, 99
     m_main, m_hyp = _masks(seed, p, T, B, H, Hh)
     u = philox_uniform(seed, torch.arange(T * B * (H + Hh), dtype=torch.int64)).view(T, B, H + Hh)
@@ -97,11 +98,35 @@ def test_mask_tensors_passes_pairs_and_none_through():
     (torch.tensor([1, 2]), 0.1, "one element"),
     (torch.tensor([1]), 1.0, r"\[0, 1\)"),
     (torch.tensor([1]), -0.1, r"\[0, 1\)"),
-    (torch.tensor([1]), 1, "float"),
+    (torch.tensor([1]), True, "number"),
 ])
 def test_check_seed_rejects_malformed_seeds(seed, p, msg):
     with pytest.raises((TypeError, ValueError), match=msg):
         check_seed(DropoutSeed(seed, p), "cpu")
+
+
+def test_a_seed_is_not_a_mask_pair():
+    """DropoutSeed is not a tuple: code written for ``m_main, m_hyper = masks`` cannot silently
+    unpack (seed, p). An int p is accepted."""
+    drop = DropoutSeed(torch.tensor([3]), 0)
+    assert not isinstance(drop, tuple)
+    with pytest.raises(TypeError):
+        m_main, m_hyper = drop
+    check_seed(drop, "cpu")
+
+
+def test_seeded_masks_in_chunks_equal_one_batch(monkeypatch):
+    """seeded_masks generates a few steps at a time; the chunking must not change a bit."""
+    from hyperkern.ops.hyper_lstm import dropout
+
+    drop = DropoutSeed(torch.tensor([2 ** 40 + 5]), 0.3)
+    whole = torch.cat(seeded_masks(drop, 7, 3, 11, 4), -1)
+    monkeypatch.setattr(dropout, "_CHUNK", 2 * 3 * 15 + 1)  # two steps per chunk, a ragged last one
+    assert torch.equal(torch.cat(seeded_masks(drop, 7, 3, 11, 4), -1), whole)
+    # a tensor seed and the same Python int give the same stream
+    c = torch.arange(50, dtype=torch.int64)
+    assert torch.equal(philox_uniform(drop.seed, c), philox_uniform(2 ** 40 + 5, c))
+    assert torch.equal(philox_uniform(torch.tensor([-1]), c), philox_uniform(2 ** 64 - 1, c))
 
 
 # --- Triton: tl.rand and the cell kernels' mask pass, bit for bit ---------------------------------
@@ -125,13 +150,19 @@ def test_cell_kernel_mask_pass_equals_reference_bitwise(p):
     the masks ``seeded_masks`` rebuilds, at odd sizes, several column chunks, every step."""
     T, B, H, Hh, seed = 5, 3, 33, 10, 2 ** 62 + 4242
     N = H + Hh
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
     m = torch.full((T, B + 1, N + 3), float("nan"), device=DEVICE)  # padded rows/columns stay NaN
-    _draw_all_kernel[(T, 2)](torch.tensor([seed], dtype=torch.int64, device=DEVICE), m, m.stride(0), m.stride(1),
-                            B, N, p, keep_scale(p), BMC=2, BN=16)
+    _draw_all_kernel[(T, 2)](seed_t, m, m.stride(0), m.stride(1), 0, B, N, p, keep_scale(p), BMC=2, BN=16)
     want = torch.cat(_masks(seed, p, T, B, H, Hh), -1)
     m = m.cpu()
     assert torch.equal(m[:, :B, :N], want)
     assert bool(torch.isnan(m[:, B:]).all()) and bool(torch.isnan(m[:, :, N:]).all())
+    # steps so late that the counter passes 2^32 (int64 counter arithmetic in the kernel)
+    t0 = 2 ** 32 // (B * N) + 1
+    m = torch.full((2, B, N), float("nan"), device=DEVICE)
+    _draw_all_kernel[(2, 2)](seed_t, m, m.stride(0), m.stride(1), t0, B, N, p, keep_scale(p), BMC=2, BN=16)
+    u = philox_uniform(seed, torch.arange(t0 * B * N, (t0 + 2) * B * N, dtype=torch.int64)).view(2, B, N)
+    assert torch.equal(m.cpu(), torch.where(u >= torch.tensor(p, dtype=torch.float32), keep_scale(p), 0.0))
 
 
 # --- every backend takes a seed; the module hands one to the Triton backend ----------------------
@@ -171,7 +202,8 @@ def test_cell_draws_a_seed_for_triton_and_masks_otherwise():
     cell.seeded_dropout = True  # every backend from a seed
     assert isinstance(cell.dropout_masks(5, 2, like, "torch"), DropoutSeed)
     cell.seeded_dropout = False  # every backend from mask tensors
-    assert isinstance(cell.dropout_masks(5, 2, like, "triton"), tuple)
+    pair = cell.dropout_masks(5, 2, like, "triton")
+    assert not isinstance(pair, DropoutSeed) and [tuple(m.shape) for m in pair] == [(5, 2, 6), (5, 2, 4)]
     assert cell.eval().dropout_masks(5, 2, like, "triton") is None
 
 
@@ -184,15 +216,17 @@ def test_seeded_dropout_gives_every_backend_the_same_masks():
     x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     outs = []
     for layer in (ref, fast):
-        for cell in layer.cells:
-            cell.seeded_dropout = True
+        layer.seeded_dropout = True  # sets every cell
+        assert all(c.seeded_dropout is True for c in layer.cells)
         torch.manual_seed(12)
         outs.append(layer.train()(x)[0])
     assert rel_err(outs[1], outs[0]) < 1e-12
     torch.manual_seed(12)
-    for cell in fast.cells:
-        cell.seeded_dropout = None  # back to Bernoulli tensors on the torch backend: other masks
+    fast.seeded_dropout = None  # back to Bernoulli tensors on the torch backend: other masks
     assert rel_err(fast(x)[0], outs[0]) > 1e-3
+    for bad in ("yes", 1, 1.0):
+        with pytest.raises(ValueError, match="seeded_dropout must be None, True or False"):
+            fast.seeded_dropout = bad
 
 
 @needs_triton

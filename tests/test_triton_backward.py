@@ -201,7 +201,8 @@ def _count_launches(monkeypatch):
                                         kb.hyper_lstm_cell_bwd_kernel, kb.hyper_lstm_gates_bwd_kernel))
 
 
-def test_backward_launches_per_step(monkeypatch):
+@pytest.mark.parametrize("dropout", [None, "seeded"], ids=["nodrop", "seeded"])
+def test_backward_launches_per_step(monkeypatch, dropout):
     """(backward launches at T=6 - at T=3) / 3: exactly 2 per step (issue: at most 4), nothing
     launched outside the loop; seeded recurrent dropout adds no launch (drawn inside the cell kernels)."""
     counts = _count_launches(monkeypatch)
@@ -209,7 +210,7 @@ def test_backward_launches_per_step(monkeypatch):
     p = cell_params(cfg, 51)
     per_T = {}
     for T in (3, 6):
-        x, st, masks = sequence_inputs(cfg, T, 2, 52, dropout=0.3, seeded=True)
+        x, st, masks = sequence_inputs(cfg, T, 2, 52, dropout=0.3 if dropout else 0.0, seeded=True)
         cv = lambda t: t.to(DEVICE, torch.float32).requires_grad_()  # noqa: E731
         xs, ps = cv(x), {n: cv(v) for n, v in p.items()}
         out, fin = fused_triton.hyper_lstm_sequence(xs, tuple(s.to(DEVICE, torch.float32) for s in st), ps, cfg,
@@ -223,13 +224,14 @@ def test_backward_launches_per_step(monkeypatch):
     assert per_T[3] == 3 * per_step
 
 
-def test_backward_is_bitwise_deterministic():
+@pytest.mark.parametrize("masks_kind", MASK_KINDS)
+def test_backward_is_bitwise_deterministic(masks_kind):
     """Two backward passes over the same graph (retain_graph) and a second forward+backward give
-    bitwise-identical gradients: no atomics, fixed reduction orders, the same seeded masks drawn
-    again each time."""
+    bitwise-identical gradients: no atomics, fixed reduction orders (seeded: the same masks drawn
+    again each time)."""
     cfg = CellConfig(**ODD)
     p = cell_params(cfg, 53)
-    x, st, masks = sequence_inputs(cfg, 4, 3, 54, dropout=0.3, seeded=True)
+    x, st, masks = sequence_inputs(cfg, 4, 3, 54, dropout=0.3, seeded=masks_kind == "seeded")
     cv = lambda t: t.to(DEVICE, torch.float32).requires_grad_()  # noqa: E731
     xs, ss, ps = cv(x), tuple(map(cv, st)), {n: cv(v) for n, v in p.items()}
     ms = masks_to(masks, DEVICE, torch.float32)
@@ -298,12 +300,13 @@ def test_torch_compile_fullgraph_matches_eager():
 
 # --- recompute mode ----------------------------------------------------------------------------
 
-def test_recompute_mode_bitwise_equal_and_saves_less(monkeypatch):
+@pytest.mark.parametrize("masks_kind", MASK_KINDS)
+def test_recompute_mode_bitwise_equal_and_saves_less(monkeypatch, masks_kind):
     """Recompute mode keeps only the states; its backward re-runs the forward kernels per step
     (4 launches per step) and gives bitwise the same gradients as the default mode."""
     cfg = CellConfig(**ODD)
     p = cell_params(cfg, 58)
-    x, st, masks = sequence_inputs(cfg, 3, 3, 59, dropout=0.3, seeded=True)
+    x, st, masks = sequence_inputs(cfg, 3, 3, 59, dropout=0.3, seeded=masks_kind == "seeded")
     lengths = torch.tensor([3, 2, 1])
     full = _backend_grads(fused_triton.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float32, 60)
     counts = _count_launches(monkeypatch)
@@ -431,12 +434,13 @@ def test_gradcheck_float64_through_the_kernels(layer_norm):
 
 
 @pytest.mark.skipif(CUDA, reason="float64 kernels are an interpreter-only test mode")
-def test_float64_kernels_match_reference_to_1e12():
+@pytest.mark.parametrize("masks_kind", MASK_KINDS)
+def test_float64_kernels_match_reference_to_1e12(masks_kind):
     """With float64 state and accumulators the kernels agree with the float64 reference to
     rounding (so the fp32 tolerances above measure fp32 rounding, not a wrong formula)."""
     cfg = CellConfig(**ODD)
     p = cell_params(cfg, 68)
-    x, st, masks = sequence_inputs(cfg, 3, 3, 69, dropout=0.3, seeded=True)
+    x, st, masks = sequence_inputs(cfg, 3, 3, 69, dropout=0.3, seeded=masks_kind == "seeded")
     lengths = torch.tensor([3, 3, 1])
     want = _backend_grads(naive.hyper_lstm_sequence, x, st, p, cfg, lengths, masks, torch.float64, 70)
     with fused_triton.float64_interpreter():

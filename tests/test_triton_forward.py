@@ -199,15 +199,16 @@ def _count_launches(monkeypatch):
     return count_launches(monkeypatch, (k.hyper_lstm_gates_kernel, k.hyper_lstm_cell_kernel))
 
 
-def test_launches_per_step(monkeypatch):
-    """(launches at T=8 - launches at T=4) / 4: exactly 2 per step (issue: at most 3), with seeded
-    recurrent dropout on (drawn inside the cell kernel: no launch of its own)."""
+@pytest.mark.parametrize("dropout", [None, "seeded"], ids=["nodrop", "seeded"])
+def test_launches_per_step(monkeypatch, dropout):
+    """(launches at T=8 - launches at T=4) / 4: exactly 2 per step (issue: at most 3), without and
+    with seeded recurrent dropout (drawn inside the cell kernel: no launch of its own)."""
     counts = _count_launches(monkeypatch)
     cfg = CellConfig(input_size=5, hidden_size=16, hyper_size=8, embed_size=2)
     p = cell_params(cfg, 24)
     per_T = {}
     for T in (4, 8):
-        x, st, masks = sequence_inputs(cfg, T, 2, 25, dropout=0.3, seeded=True)
+        x, st, masks = sequence_inputs(cfg, T, 2, 25, dropout=0.3 if dropout else 0.0, seeded=True)
         xd, std, pd, md = _to(torch.float32, x, st, p, masks)
         counts.clear()
         with torch.no_grad():
