@@ -310,7 +310,9 @@ def _tile_matmul_kn(acc, a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, cols, c
         k_ok = (k0 + kk) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(a_ptr.dtype.element_ty)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        # out_dtype = the accumulator's: the default (fp32) except in the float64 interpreter test
+        # mode, where Triton 3.7 insists on it being given
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         a_ptrs += BK
         w_ptrs += BK * stride_w
     return acc

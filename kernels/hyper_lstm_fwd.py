@@ -126,7 +126,9 @@ def _tile_matmul(acc, a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, wrow, col_
         k_ok = (k0 + kk) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+        # out_dtype = the accumulator's: the default (fp32) except in the float64 interpreter test
+        # mode, where Triton 3.7 insists on it being given
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         a_ptrs += BK
         w_ptrs += BK
     return acc

@@ -24,8 +24,9 @@ Kernels
     [n_w + n_wi, ...)    (tile group g, Nz block): dz[e] = sum_i dA[e, i] @ w_in[i]
 
 Portability (Triton 3.7-3.9, see TRITON_NOTES): no block pointers, no Python lists, every tl.dot
-has M, N, K >= 16, low-precision operands are upcast before any elementwise arithmetic, and every
-sum accumulates in the ACC dtype (fp32; fp64 for fp64 inputs).
+has M, N, K >= 16 and names its ``out_dtype`` (Triton 3.7 rejects an fp64 accumulator without
+it), low-precision operands are upcast before any elementwise arithmetic, and every sum
+accumulates in the ACC dtype (fp32; fp64 for fp64 inputs).
 """
 import triton
 import triton.language as tl
@@ -78,7 +79,7 @@ def _embed_rows(z_ptr, w_in_ptr, b_in_ptr, e_offs, e_mask, i, n_z, d, offs_d, d_
                      mask=e_mask[:, None] & z_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_Z]
         wt = tl.load(w_rows[None, :] + offs_z[:, None],
                      mask=z_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_Z, BLOCK_D] = w_in[i]^T
-        acc = tl.dot(zb, wt, acc, input_precision=DOT_PREC)
+        acc = tl.dot(zb, wt, acc, input_precision=DOT_PREC, out_dtype=ACC)
     if HAS_B_IN:
         acc += tl.load(b_in_ptr + i * d + offs_d, mask=d_mask, other=0.0).to(ACC)[None, :]
     return acc
@@ -150,7 +151,7 @@ def static_gen_bwd_rows_kernel(
                      mask=e_mask[:, None] & n_mask[None, :], other=0.0)  # dS [BLOCK_E, BLOCK_N]
         w = tl.load(w_out_ptr + offs_n[:, None] * d + offs_d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        da = tl.dot(ds.to(w.dtype), w, da, input_precision=DOT_PREC)
+        da = tl.dot(ds.to(w.dtype), w, da, input_precision=DOT_PREC, out_dtype=ACC)
     tl.store(da_buf_ptr + buf_offs, da.to(da_buf_ptr.dtype.element_ty), mask=rd_mask)
 
 
@@ -182,7 +183,7 @@ def _w_out_partial(pid, dout_ptr, dst_base_ptr, dst_row_ptr, a_buf_ptr, pw_ptr, 
                      mask=e_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_N]
         a = tl.load(a_buf_ptr + (e_offs.to(tl.int64)[:, None] * n_in + i) * d + offs_d[None, :],
                     mask=e_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_D]
-        acc_w = tl.dot(tl.trans(ds.to(a.dtype)), a, acc_w, input_precision=DOT_PREC)
+        acc_w = tl.dot(tl.trans(ds.to(a.dtype)), a, acc_w, input_precision=DOT_PREC, out_dtype=ACC)
         acc_b += tl.sum(ds.to(ACC), axis=0)
     part = s.to(tl.int64) * n_cols
     tl.store(pw_ptr + (part + offs_n[:, None]) * d + offs_d[None, :], acc_w,
@@ -210,7 +211,7 @@ def _w_in_grad(r, z_ptr, da_buf_ptr, dw_in_ptr, db_in_ptr, n_tiles, n_z, d, n_in
                      mask=e_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_D]
         zt = tl.load(z_ptr + e_offs[:, None] * n_z + offs_z[None, :],
                      mask=e_mask[:, None] & z_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_Z]
-        acc = tl.dot(tl.trans(da), zt.to(da.dtype), acc, input_precision=DOT_PREC)
+        acc = tl.dot(tl.trans(da), zt.to(da.dtype), acc, input_precision=DOT_PREC, out_dtype=ACC)
         acc_b += tl.sum(da.to(ACC), axis=0)
     tl.store(dw_in_ptr + (i * d + offs_d[:, None]) * n_z + offs_z[None, :],
              acc.to(dw_in_ptr.dtype.element_ty), mask=d_mask[:, None] & z_mask[None, :])
@@ -238,7 +239,7 @@ def _z_grad(r, w_in_ptr, da_buf_ptr, dz_ptr, n_tiles, n_z, d, n_in, n_z_blocks,
                      mask=e_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_E, BLOCK_D]
         w = tl.load(w_in_ptr + (i * d + offs_d[:, None]) * n_z + offs_z[None, :],
                     mask=d_mask[:, None] & z_mask[None, :], other=0.0)  # [BLOCK_D, BLOCK_Z]
-        acc = tl.dot(da, w.to(da.dtype), acc, input_precision=DOT_PREC)
+        acc = tl.dot(da, w.to(da.dtype), acc, input_precision=DOT_PREC, out_dtype=ACC)
     tl.store(dz_ptr + e_offs[:, None] * n_z + offs_z[None, :], acc.to(dz_ptr.dtype.element_ty),
              mask=e_mask[:, None] & z_mask[None, :])
 
