@@ -17,6 +17,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from .common import CellConfig, HyperLSTMState, PARAM_NAMES  # noqa: F401  (re-exported)
+from .dropout import DropoutSeed  # noqa: F401  (re-exported)
 
 BACKENDS = ("reference", "torch", "triton")
 _MODULES = {"reference": ".naive", "torch": ".fused_torch", "triton": ".fused_triton"}
