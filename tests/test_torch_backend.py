@@ -456,6 +456,9 @@ def _ddp_worker(rank, world, port, state_dict, x, lengths, outdir):
         loss = _ddp_loss(ddp, x[:, sl], lengths[sl])
         loss.backward()
         torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(outdir, f"grads{rank}.pt"))
+        # both ranks done before either tears gloo down: without it one rank sometimes aborted in
+        # teardown ("terminate called without an active exception"; ~1 run in 8 here)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
