@@ -186,8 +186,6 @@ def _kernel_time(k: Dict[str, float], dtype: str, launch: float) -> float:
 
 
 def predict(s: Shape, dtype: str) -> Dict[str, float]:
-    from hyperkern.ops.hyper_lstm.fused_triton import choose_configs
-
     p = PEAKS
     km = kernel_model(s, dtype)
     wb = DTYPE_BYTES[dtype]
@@ -201,7 +199,7 @@ def predict(s: Shape, dtype: str) -> Dict[str, float]:
     out["gates_us"] = _kernel_time(km["gates"], dtype, p["launch_graph"]) * 1e6
     out["cell_us"] = _kernel_time(km["cell"], dtype, p["launch_graph"]) * 1e6
     out["hoist_us"] = hoist * 1e6
-    out["dropout_us"] = dropout_us(s, choose_configs(s.B, s.H, s.Hh)[1].BMC)
+    out["dropout_us"] = dropout_us(s, km["configs"]["cell"]["BMC"])
     return out
 
 
