@@ -2,8 +2,10 @@
 
 ``python -m hyperkern compile-check [--filter SUBSTR] [--arch 80|90] [--json PATH] [--jobs N] [--list]``
 
-Each module in :data:`KERNEL_MODULES` exposes ``compile_configs() -> list[CompileConfig]`` covering
-every block configuration its launcher can choose. For every (config, arch) this compiles the
+Each op's launch table in :data:`LAUNCH_TABLES` (``hyperkern/ops/*/configs.py``) enumerates with
+``all_launches()`` every :class:`~hyperkern.ops.launches.Launch` its launcher can make — the same
+constexprs, warps, stages and register cap the launcher passes — and the kernel module types the
+arguments (``signature()``). For every (launch, arch) this compiles the
 kernel with ``triton.compile`` (GPUTarget cuda 80 / 90, warp size 32), runs the wheel's ``ptxas -v``
 on the PTX with Triton's own flags (``-lineinfo --regAllocOptLevel=2``, ``--gpu-name=sm_80`` or
 ``sm_90a``) and reports registers, spill stores/loads, stack frame and shared memory
@@ -14,8 +16,9 @@ Compilation runs in at most two fresh interpreter processes with ``TRITON_INTERP
 the kernels are real ``JITFunction`` objects even when the caller (e.g. the test suite) runs the
 interpreter. Triton's own on-disk cache is used as usual.
 
-To register a kernel module: add its import path to :data:`KERNEL_MODULES` and give it a
-``compile_configs()`` function returning :class:`CompileConfig` objects.
+To register a launch table: add its import path to :data:`LAUNCH_TABLES`. (A module may instead
+expose ``compile_configs()`` returning :class:`CompileConfig` objects: the tests compile ad-hoc
+kernels that way.)
 """
 from __future__ import annotations
 
@@ -30,10 +33,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-KERNEL_MODULES: List[str] = [
-    "hyperkern.kernels.static_gen",
-    "hyperkern.kernels.hyper_lstm_fwd",
-    "hyperkern.kernels.hyper_lstm_bwd",
+LAUNCH_TABLES: List[str] = [
+    "hyperkern.ops.static_gen.configs",
+    "hyperkern.ops.hyper_lstm.fused_triton.configs",
 ]
 
 ARCHS = (80, 90)
@@ -115,12 +117,33 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 # --- the worker: runs in a fresh interpreter without TRITON_INTERPRET ------------------------------
 
+def compile_config(launch, unit_ints: Sequence[str] = ()) -> CompileConfig:
+    """The :class:`CompileConfig` of a :class:`~hyperkern.ops.launches.Launch`; ``unit_ints``: integer
+    arguments set to 1 (Triton's JIT turns an integer argument equal to 1 into a constexpr, so a
+    launch with B = 1 or E = 1 compiles that specialisation)."""
+    import importlib
+
+    fn = launch.kernel_fn()
+    cx = {**dict(launch.constexprs), **{n: None for n in launch.absent}, **{n: 1 for n in unit_ints}}
+    sig = importlib.import_module(launch.module).signature(fn, launch.dtype, cx)
+    return CompileConfig(name=launch.label + (" ints=1" if unit_ints else ""), fn=fn, signature=sig, constexprs=cx,
+                         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg)
+
+
 def _all_configs(modules: Sequence[str]) -> List[CompileConfig]:
+    """Every launch of every table, then the ints=1 specialisation of each kernel's first launch."""
     import importlib
 
     configs = []
     for mod_name in modules:
-        configs.extend(importlib.import_module(mod_name).compile_configs())
+        mod = importlib.import_module(mod_name)
+        if hasattr(mod, "compile_configs"):
+            configs.extend(mod.compile_configs())
+            continue
+        launches = mod.all_launches()
+        configs.extend(compile_config(launch) for launch in launches)
+        for kernel, ones in getattr(mod, "UNIT_INTS", {}).items():
+            configs.append(compile_config(next(l for l in launches if l.kernel == kernel), ones))
     return configs
 
 
@@ -214,7 +237,7 @@ def _worker_env() -> Dict[str, str]:
 
 
 def run(filters: Optional[Sequence[str]] = None, archs: Sequence[int] = ARCHS, jobs: int = MAX_JOBS,
-        modules: Sequence[str] = tuple(KERNEL_MODULES)) -> List[Dict[str, Any]]:
+        modules: Sequence[str] = tuple(LAUNCH_TABLES)) -> List[Dict[str, Any]]:
     """Compile the selected configs in ``jobs`` (<= 2) worker processes; the result rows in order."""
     jobs = max(1, min(int(jobs), MAX_JOBS))
     base = [sys.executable, "-c", "import sys; from hyperkern.compile_check import _worker_main; "
@@ -247,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     archs = sorted(set(a.arch or ARCHS))
     if a.list:
-        return _list_configs(KERNEL_MODULES, a.filter, archs)
+        return _list_configs(LAUNCH_TABLES, a.filter, archs)
     t0 = time.perf_counter()
     rows = run(a.filter, archs, a.jobs)
     if not rows:

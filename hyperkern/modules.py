@@ -26,8 +26,7 @@ class _BackendAttr:
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name != "auto" and name not in op.BACKENDS:
-            raise ValueError(f"backend must be one of {op.BACKENDS + ('auto',)}, got {name!r}")
+        op.REGISTRY.check_name(name)
         self._backend = name
 
 
@@ -142,7 +141,8 @@ class HyperLSTMCell(_BackendAttr, _SeededDropoutAttr, nn.Module):
 
     def run(self, x: Tensor, state, lengths=None, backend: Optional[str] = None):
         """Run over ``x [T, B, X]`` in time order (the op's calling convention, no validation)."""
-        name = op.resolve_backend(backend or self.backend, x.device)
+        name = op.resolve_backend(backend or self.backend, x.device, x.dtype, torch.is_grad_enabled(),
+                                  embed_size=self.cfg.embed_size)
         masks = self.dropout_masks(x.shape[0], x.shape[1], x, name)
         return op.get_backend(name)(x, tuple(state), self.params(), self.cfg, lengths, masks)
 

@@ -116,7 +116,7 @@ def kernel_model(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
 
     wb, f4 = DTYPE_BYTES[dtype], 4
     B, H, Hh, E, ln = s.B, s.H, s.Hh, s.E, s.layer_norm
-    g, c = choose_configs(B, H, Hh)
+    g, c = choose_configs(B)
 
     # launch 1: gates kernel -------------------------------------------------------------------
     n_bt, n_main, n_hyp = _cdiv(B, g.BM), _cdiv(H, g.BH), _cdiv(Hh, g.BH)

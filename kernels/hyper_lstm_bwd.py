@@ -35,8 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hyperkern.kernels.hyper_lstm_fwd import (  # noqa: F401  (shared helpers, one definition)
-    INTERPRETING, _chan_merge, _chunk_moments, _draw_masks, _gate_stats, _pick, _tanh,
+from hyperkern.kernels.hyper_lstm_fwd import (  # shared helpers, one definition
+    _chan_merge, _chunk_moments, _draw_masks, _gate_stats, _pick, _tanh,
 )
 
 
@@ -62,11 +62,12 @@ def _cell_bwd(a_ptr, stride_a, N,                       # saved pre-norm gates [
               dh_ptr, stride_dh, dh2_ptr, stride_dh2,   # dh (+ dh2 if ADD_DH2), [rows, N]
               dc_ptr, dcp_ptr, stride_dc,               # in: dc_t; out: dc_{t-1}
               lnw_ptr, lnb_ptr, lncw_ptr, lncb_ptr,
-              m_ptr, stride_m, has_mask,
+              m_ptr, stride_m,
               da_ptr, stride_da,                        # out: d pre-norm gates [rows, 4N]
               dg_ptr, stride_dg, dcn_ptr, stride_dcn,   # out (LAYER_NORM): dg [rows, 4N], dcn [rows, N]
               rows3, row_ok3, alive3, gate3, forget_bias, eps,
-              LAYER_NORM: tl.constexpr, ADD_DH2: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr):
+              LAYER_NORM: tl.constexpr, HAS_MASK: tl.constexpr, ADD_DH2: tl.constexpr, BMC: tl.constexpr,
+              BN: tl.constexpr):
     """Backward of one gated cell (main or hyper) for the program's rows; see the module doc."""
     cols = tl.arange(0, BN)[None, None, :]
     zeros_g = tl.zeros([BMC, 4, 1], dtype=c_new_ptr.dtype.element_ty)
@@ -123,8 +124,9 @@ def _cell_bwd(a_ptr, stride_a, N,                       # saved pre-norm gates [
         s_f = _pick(s, gate3, 1)
         s_o = _pick(s, gate3, 3)
         tg = _tanh(_pick(a, gate3, 2))
-        use_mask = (j * 0 + has_mask) != 0
-        rd = tl.load(m_ptr + rows3 * stride_m + j, mask=ok & use_mask, other=1.0).to(c_new_ptr.dtype.element_ty)
+        rd = 1.0
+        if HAS_MASK:  # recurrent dropout on tanh(g)
+            rd = tl.load(m_ptr + rows3 * stride_m + j, mask=ok, other=1.0).to(c_new_ptr.dtype.element_ty)
         s_off = rows3 * stride_s + j
         c_prev = tl.load(c_prev_ptr + s_off, mask=ok, other=0.0)
         c = tl.load(c_new_ptr + s_off, mask=ok, other=0.0)
@@ -205,9 +207,9 @@ def hyper_lstm_cell_bwd_kernel(
     dg_ptr, stride_dg, dcn_ptr, stride_dcn,           # main dg [B, 4H], dcn [B, H] (LN)
     hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,       # hyper dg [B, 4Hh], dcn [B, Hh] (LN)
     dhh_tot_ptr, stride_dht,                          # scratch: total dĥ_t [B, Hh]
-    drop_mode, seed_ptr, p_drop, drop_scale,         # as in the forward cell kernel
+    seed_ptr, p_drop, drop_scale,                     # as in the forward cell kernel
     forget_bias, eps,
-    LAYER_NORM: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr,
+    LAYER_NORM: tl.constexpr, DROPOUT: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr,
     BZ: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -219,8 +221,8 @@ def hyper_lstm_cell_bwd_kernel(
     alive3 = (t < lens)[:, None, None]
     gate3 = tl.arange(0, 4)[None, :, None]
 
-    # 0. seeded recurrent dropout (drop_mode 2): the forward's masks of step t, drawn again
-    if drop_mode == 2:
+    # 0. seeded recurrent dropout (DROPOUT 2): the forward's masks of step t, drawn again
+    if DROPOUT == 2:
         _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, tl.full([], 0, tl.int64) + t, B, H + Hh,
                     p_drop, drop_scale, BMC, BN)
         tl.debug_barrier()
@@ -228,9 +230,9 @@ def hyper_lstm_cell_bwd_kernel(
     # 1. main cell: dh_t = carry + d out[t]  ->  da (DA[t]), dc_{t-1}
     _cell_bwd(g_ptr, stride_g, H, c_prev_ptr, c_new_ptr, stride_s,
               dh_ptr, stride_dh, dout_ptr, stride_dout, dc_ptr, dcp_ptr, stride_dc,
-              ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr, m_ptr, stride_mb, drop_mode,
+              ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr, m_ptr, stride_mb,
               da_ptr, stride_da, dg_ptr, stride_dg, dcn_ptr, stride_dcn,
-              rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, True, BMC, BN)
+              rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, DROPOUT > 0, True, BMC, BN)
     tl.debug_barrier()
 
     # 2. row scaling: DXP = d_x ⊙ da, DWH = d_h ⊙ da, dz = Σ_j dd_k[j] d_weight[k, j, :]
@@ -294,9 +296,9 @@ def hyper_lstm_cell_bwd_kernel(
     # 4. hyper cell: -> dÂ (the hyper half of DXP[t]), dĉ_{t-1}
     _cell_bwd(ahat_ptr, stride_ahat, Hh, chat_prev_ptr, chat_new_ptr, stride_hs,
               dhh_tot_ptr, stride_dht, dhh_tot_ptr, stride_dht, dch_ptr, dchp_ptr, stride_dch,
-              hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr, mh_ptr, stride_mhb, drop_mode,
+              hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr, mh_ptr, stride_mhb,
               dahat_ptr, stride_dahat, hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,
-              rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, False, BMC, BN)
+              rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, DROPOUT > 0, False, BMC, BN)
 
 
 @triton.jit
@@ -358,7 +360,7 @@ def hyper_lstm_gates_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# compile check: every configuration the backward dispatcher can pick
+# argument types, for the ahead-of-time compile check (hyperkern.compile_check)
 # --------------------------------------------------------------------------------------------
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -367,7 +369,8 @@ _PARAM_PTRS = {"dw_ptr", "zw_ptr", "ln_w_ptr", "ln_b_ptr", "lnc_w_ptr", "lnc_b_p
                "hlnc_w_ptr", "hlnc_b_ptr", "dout_ptr", "w_hh_ptr", "w_hih_ptr", "w_hhh_ptr"}
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+def signature(kernel, dtype: str, constexprs: dict) -> dict:
+    """Every argument of a backward kernel typed for ``triton.compile`` (see the forward module's)."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -385,40 +388,3 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
         else:
             sig[name] = "i32"
     return sig
-
-
-def compile_configs():
-    """Both backward kernels at every configuration of ``fused_triton``'s backward tables (which
-    depend on the batch size only; BE covers embed sizes up to 64), fp32 / fp16 / bf16, with and
-    without layer norm."""
-    from hyperkern.compile_check import CompileConfig
-    from hyperkern.ops.hyper_lstm.fused_triton import CELL_MAXNREG, DOT_PRECISION, all_bwd_kernel_configs
-
-    gates, cells = all_bwd_kernel_configs()
-    configs = []
-    for dtype in ("fp32", "fp16", "bf16"):
-        for g in gates:
-            cx = {"BM": g.BM, "BN": g.BN, "BK": g.BK, "DOT_PRECISION": DOT_PRECISION}
-            configs.append(CompileConfig(
-                name=f"{dtype} BM{g.BM} BN{g.BN} BK{g.BK}", fn=hyper_lstm_gates_bwd_kernel,
-                signature=_signature(hyper_lstm_gates_bwd_kernel, dtype, cx), constexprs=cx,
-                num_warps=g.num_warps, num_stages=g.num_stages))
-        for c in cells:
-            for be in (4, 64):
-                for layer_norm in (True, False):
-                    cx = {"LAYER_NORM": layer_norm, "BMC": c.BMC, "BN": c.BN, "BE": be, "BZ": c.BZ}
-                    configs.append(CompileConfig(
-                        name=f"{dtype} BMC{c.BMC} BN{c.BN} BE{be} {'LN' if layer_norm else 'noLN'}",
-                        fn=hyper_lstm_cell_bwd_kernel,
-                        signature=_signature(hyper_lstm_cell_bwd_kernel, dtype, cx), constexprs=cx,
-                        num_warps=c.num_warps, num_stages=1, maxnreg=CELL_MAXNREG))
-    # Triton's JIT turns integer arguments equal to 1 into constexprs (B = 1, E = 1, drop_mode,
-    # t = 1 is not: do_not_specialize): compile that specialisation too, once per kernel.
-    first_cell = next(c for c in configs if c.fn is hyper_lstm_cell_bwd_kernel)
-    for fn, cfg0 in ((hyper_lstm_gates_bwd_kernel, configs[0]), (hyper_lstm_cell_bwd_kernel, first_cell)):
-        ones = [n for n in fn.arg_names if n in ("B", "H", "Hh", "E", "n_main", "drop_mode")]
-        sig = {n: ("constexpr" if n in ones else ty) for n, ty in cfg0.signature.items()}
-        configs.append(CompileConfig(
-            name=cfg0.name + " ints=1", fn=fn, signature=sig, constexprs={**cfg0.constexprs, **{n: 1 for n in ones}},
-            num_warps=cfg0.num_warps, num_stages=cfg0.num_stages, maxnreg=cfg0.maxnreg))
-    return configs

@@ -15,7 +15,7 @@ steps into one library GEMM, ``XP = x @ [weight_ih ; hyper_weight_ih[:, :X]]^T``
 2. :func:`hyper_lstm_cell_kernel` — grid ``cdiv(B, BMC)``; a program owns whole rows and walks them
    in chunks of BN columns:
 
-   - seeded recurrent dropout only (``drop_mode == 2``): :func:`_draw_masks` first draws the step's
+   - seeded recurrent dropout only (``DROPOUT == 2``): :func:`_draw_masks` first draws the step's
      masks for its rows (``tl.rand``) into a small scratch that the update passes then read;
 
    - the hyper cell: per-gate LN statistics of Â, the update (ĉ_t), LN(ĉ_t), ĥ_t;
@@ -28,37 +28,30 @@ steps into one library GEMM, ``XP = x @ [weight_ih ; hyper_weight_ih[:, :X]]^T``
 
 Gate maths is written once on ``[rows, 4, columns]`` tiles (gate axis in the middle) and shared by
 the hyper and the main cell. The chunk loops of the cell kernel are software-pipelined
-``PIPE`` deep (``tl.range(num_stages=PIPE)``): no loop reads a buffer it writes. Everything elementwise runs in fp32 (precisely: in the dtype of the state / scratch buffers,
-read from the pointers; fp32 except in the interpreter-only float64 test mode of ``fused_triton``);
-dots accumulate in fp32 (fp32
-operands use tf32 on a GPU, chosen by the ``DOT_PRECISION`` constexpr). Inside a program, a pass
-that re-reads what an earlier pass of the same program stored is separated by
-``tl.debug_barrier()``; no program ever waits on another program.
+``PIPE`` deep (``tl.range(num_stages=PIPE)``): no loop reads a buffer it writes. Everything
+elementwise runs in fp32 (precisely: in the dtype of the state / scratch buffers, read from the
+pointers; fp32 except in the interpreter-only float64 test mode of ``fused_triton``); dots
+accumulate in fp32, their operands treated as the ``DOT_PRECISION`` constexpr says
+(``hyperkern.ops.precision``). Inside a program, a pass that re-reads what an earlier pass of the
+same program stored is separated by ``tl.debug_barrier()``; no program ever waits on another program.
 
-:func:`compile_configs` lists every (kernel, block configuration, dtype, flag) the dispatcher can
-choose, from the one table in ``fused_triton`` (``python -m hyperkern compile-check``).
+Modes are constexprs (``LAYER_NORM``, ``DROPOUT``: 0 off, 1 given mask tensors, 2 seeded), and an
+input a mode does not use is passed as ``None`` (no dummy pointers). Launch with keyword arguments.
+The launch configurations (block sizes, warps, stages) live in one table,
+``hyperkern/ops/hyper_lstm/fused_triton/configs.py``, which the launcher and the compile check read.
 """
 from __future__ import annotations
-
-import os
 
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from hyperkern.kernels.common import interpret_requested
 
-def _interpreting() -> bool:
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except Exception:  # pragma: no cover  (older Triton without knobs)
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-INTERPRETING = _interpreting()
-# libdevice tanh on a GPU; the interpreter cannot run libdevice, so 2*sigmoid(2x)-1 there (~1e-7 in fp32).
-USE_LIBDEVICE_TANH = tl.constexpr(not INTERPRETING)
+# libdevice tanh on a GPU; the interpreter cannot run libdevice, so 2*sigmoid(2x)-1 there (~1e-7 in
+# fp32). Decided when this module is imported, which is when Triton decides it builds these kernels
+# for the interpreter (kernels.common.interpret_requested).
+USE_LIBDEVICE_TANH = tl.constexpr(not interpret_requested())
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,11 +201,11 @@ def _gate_stats(buf_ptr, stride_buf, rows3, row_ok3, gate3, N, BMC: tl.constexpr
 @triton.jit
 def _update_pass(buf_ptr, stride_buf, g_mean, g_rstd, lnw_ptr, lnb_ptr, N,
                  c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
-                 m_ptr, stride_m, has_mask,
+                 m_ptr, stride_m,
                  out_ptr, stride_out,
                  rows3, row_ok3, alive3, gate3, forget_bias,
-                 LAYER_NORM: tl.constexpr, WRITE_OUT: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr,
-                 PIPE: tl.constexpr):
+                 LAYER_NORM: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_OUT: tl.constexpr, BMC: tl.constexpr,
+                 BN: tl.constexpr, PIPE: tl.constexpr):
     """c_t = σ(f + fb) c_{t-1} + σ(i) rdrop(tanh(g)) from the pre-gates in ``buf``; stores c_t.
 
     With LAYER_NORM, the gates are normalised first and the statistics of c_t are returned for
@@ -231,11 +224,11 @@ def _update_pass(buf_ptr, stride_buf, g_mean, g_rstd, lnw_ptr, lnb_ptr, N,
             a = (a - g_mean) * g_rstd * w + b
         s = tl.sigmoid(a + tl.where(gate3 == 1, forget_bias, 0.0))
         g = _tanh(_pick(a, gate3, 2))
-        use_mask = (j * 0 + has_mask) != 0  # a block, not a scalar (the interpreter mishandles scalar & block)
-        rd = tl.load(m_ptr + rows3 * stride_m + j, mask=ok & use_mask, other=1.0).to(c_new_ptr.dtype.element_ty)
+        if HAS_MASK:  # recurrent dropout on tanh(g)
+            g = g * tl.load(m_ptr + rows3 * stride_m + j, mask=ok, other=1.0).to(c_new_ptr.dtype.element_ty)
         s_off = rows3 * stride_s + j
         c_prev = tl.load(c_prev_ptr + s_off, mask=ok, other=0.0)
-        c = _pick(s, gate3, 1) * c_prev + _pick(s, gate3, 0) * (g * rd)
+        c = _pick(s, gate3, 1) * c_prev + _pick(s, gate3, 0) * g
         tl.store(c_new_ptr + s_off, tl.where(alive3, c, c_prev), mask=ok)
         if LAYER_NORM:
             n_c = tl.minimum(N - j0, BN) * 1.0
@@ -355,8 +348,8 @@ def hyper_lstm_cell_kernel(
     # hyper cell
     ahat_ptr, stride_ahat,                           # Â [B, 4Hh] fp32 (from the gates kernel)
     chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,   # [B, Hh] fp32
-    hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,
-    mh_ptr, stride_mht, stride_mhb,                  # hyper dropout masks [T, B, Hh] (fp32)
+    hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,    # None without layer norm
+    mh_ptr, stride_mht, stride_mhb,                  # hyper dropout masks [T, B, Hh] (fp32); None without
     # embeddings
     zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z,      # z_weight [12E, Hh], z_bias [8E], z scratch [B, 12E]
     # main cell
@@ -365,13 +358,13 @@ def hyper_lstm_cell_kernel(
     bias_ptr, dw_ptr,                                # bias [4H], d_weight [12, H, E] (contiguous)
     g_ptr, stride_g,                                 # pre-norm gates scratch [B, 4H] fp32
     c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,   # [B, H] fp32
-    ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,
-    m_ptr, stride_mt, stride_mb,                     # main dropout masks [T, B, H] (fp32)
+    ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,        # None without layer norm
+    m_ptr, stride_mt, stride_mb,                     # main dropout masks [T, B, H] (fp32); None without
     out_ptr, stride_ot, stride_ob,                   # output [T, B, H]
-    drop_mode, seed_ptr, p_drop, drop_scale,         # recurrent dropout, see below
+    seed_ptr, p_drop, drop_scale,                    # seeded dropout (DROPOUT == 2): int64 seed, p, 1/(1-p)
     forget_bias, eps,
-    LAYER_NORM: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BZ: tl.constexpr, BKZ: tl.constexpr,
-    PIPE: tl.constexpr,
+    LAYER_NORM: tl.constexpr, DROPOUT: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BZ: tl.constexpr,
+    BKZ: tl.constexpr, PIPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BMC + tl.arange(0, BMC)
@@ -384,9 +377,9 @@ def hyper_lstm_cell_kernel(
     t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
     zeros_g = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
 
-    # 0. recurrent dropout: drop_mode 0 off, 1 the mask tensors, 2 seeded: this step's masks are
+    # 0. recurrent dropout: DROPOUT 0 off, 1 the mask tensors, 2 seeded: this step's masks are
     #    drawn into the mask scratch (m_ptr = [B, H + Hh] with stride_mt = 0, mh_ptr = m_ptr + H)
-    if drop_mode == 2:
+    if DROPOUT == 2:
         _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, t64, B, H + Hh, p_drop, drop_scale, BMC, BN)
         tl.debug_barrier()
 
@@ -399,8 +392,8 @@ def hyper_lstm_cell_kernel(
     hc_mean, hc_m2 = _update_pass(
         ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
         chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
-        mh_ptr + t64 * stride_mht, stride_mhb, drop_mode, out_ptr, stride_ob,
-        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, False, BMC, BN, PIPE)
+        mh_ptr + t64 * stride_mht if DROPOUT > 0 else mh_ptr, stride_mhb, out_ptr, stride_ob,
+        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, DROPOUT > 0, False, BMC, BN, PIPE)
     if LAYER_NORM:
         tl.debug_barrier()
         _output_pass(ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
@@ -424,8 +417,8 @@ def hyper_lstm_cell_kernel(
     c_mean, c_m2 = _update_pass(
         g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
         c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
-        m_ptr + t64 * stride_mt, stride_mb, drop_mode, out_t, stride_ob,
-        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, True, BMC, BN, PIPE)
+        m_ptr + t64 * stride_mt if DROPOUT > 0 else m_ptr, stride_mb, out_t, stride_ob,
+        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, DROPOUT > 0, True, BMC, BN, PIPE)
     if LAYER_NORM:
         tl.debug_barrier()
         _output_pass(g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
@@ -435,7 +428,7 @@ def hyper_lstm_cell_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# compile check: every configuration the dispatcher (fused_triton.choose_configs) can pick
+# argument types, for the ahead-of-time compile check (hyperkern.compile_check)
 # --------------------------------------------------------------------------------------------
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -446,7 +439,9 @@ _F32_BUFFERS = {"h_ptr", "hh_ptr", "xph_ptr", "p_ptr", "ahat_ptr", "chat_prev_pt
 _F32_SCALARS = {"forget_bias", "eps", "p_drop", "drop_scale"}
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+def signature(kernel, dtype: str, constexprs: dict) -> dict:
+    """Every argument of a forward kernel typed for ``triton.compile``, for parameters of ``dtype``
+    ("fp32", "fp16", "bf16"); the arguments in ``constexprs`` (None pointers too) are constexprs."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -464,39 +459,3 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
         else:
             sig[name] = "i32"
     return sig
-
-
-def compile_configs():
-    """Both kernels at every block configuration of ``fused_triton``'s tables (which depend on the
-    batch size only, so this covers every H), in fp32, fp16 and bf16; the cell kernel with and
-    without layer norm (its only other constexpr)."""
-    from hyperkern.compile_check import CompileConfig
-    from hyperkern.ops.hyper_lstm.fused_triton import CELL_MAXNREG, DOT_PRECISION, all_kernel_configs
-
-    gates, cells = all_kernel_configs()
-    configs = []
-    for dtype in ("fp32", "fp16", "bf16"):
-        for g in gates:
-            cx = {"BM": g.BM, "BH": g.BH, "BK": g.BK, "DOT_PRECISION": DOT_PRECISION}
-            configs.append(CompileConfig(
-                name=f"{dtype} BM{g.BM} BH{g.BH} BK{g.BK}", fn=hyper_lstm_gates_kernel,
-                signature=_signature(hyper_lstm_gates_kernel, dtype, cx), constexprs=cx,
-                num_warps=g.num_warps, num_stages=g.num_stages))
-        for c in cells:
-            for layer_norm in (True, False):
-                cx = {"LAYER_NORM": layer_norm, "BMC": c.BMC, "BN": c.BN, "BZ": c.BZ, "BKZ": c.BKZ,
-                      "PIPE": c.num_stages}
-                configs.append(CompileConfig(
-                    name=f"{dtype} BMC{c.BMC} BN{c.BN} {'LN' if layer_norm else 'noLN'}", fn=hyper_lstm_cell_kernel,
-                    signature=_signature(hyper_lstm_cell_kernel, dtype, cx), constexprs=cx,
-                    num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=CELL_MAXNREG))
-    # Triton's JIT turns integer arguments equal to 1 into constexprs (B = 1, E = 1, drop_mode,
-    # a unit stride, ...): compile that specialisation too, once per kernel.
-    for fn, cfg0 in ((hyper_lstm_gates_kernel, configs[0]), (hyper_lstm_cell_kernel, configs[len(gates)])):
-        ones = [n for n in fn.arg_names if n in ("t", "B", "H", "Hh", "E", "n_main", "drop_mode")
-                or n.startswith("stride_x") or n.startswith("stride_m")]
-        sig = {n: ("constexpr" if n in ones else ty) for n, ty in cfg0.signature.items()}
-        configs.append(CompileConfig(
-            name=cfg0.name + " ints=1", fn=fn, signature=sig, constexprs={**cfg0.constexprs, **{n: 1 for n in ones}},
-            num_warps=cfg0.num_warps, num_stages=cfg0.num_stages, maxnreg=cfg0.maxnreg))
-    return configs

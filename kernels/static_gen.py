@@ -1,4 +1,5 @@
-"""Triton kernels for static kernel generation (SPEC §2). Launchers: hyperkern.ops.static_gen.fused_triton.
+"""Triton kernels for static kernel generation (SPEC §2). Launchers: hyperkern.ops.static_gen.fused_triton;
+launch configurations (block sizes, warps, stages): hyperkern.ops.static_gen.configs.
 
 Notation: E tiles, Nz embedding size, d hidden size, N_in input block, n_cols = N_out*k*k columns
 of S, KK = k*k. All tensors contiguous:
@@ -30,39 +31,6 @@ accumulates in the ACC dtype (fp32; fp64 for fp64 inputs).
 """
 import triton
 import triton.language as tl
-
-BLOCK_E = 16  # tiles per program (the M of the row GEMMs)
-BLOCK_Z = 32  # chunk of the embedding (K of the first GEMM)
-BLOCK_N = 32  # slice of the n_cols = N_out*k*k columns
-MAX_BLOCK_D = 128  # the whole hidden vector is held in registers: d <= 128 on this path
-
-
-DTYPES = ("fp32", "fp16", "bf16", "fp64")
-
-
-def block_d_for(d: int) -> int:
-    """BLOCK_D for hidden size d: a power of two in [16, MAX_BLOCK_D]."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def launch_meta(d: int, dtype: str, allow_tf32: bool = False) -> dict:
-    """Every constexpr and num_warps the launcher passes, for hidden size d and input dtype.
-
-    The single source of truth for the launcher and for :func:`compile_configs`. fp32 dots are
-    "ieee" (as torch's fp32 matmul) unless tf32 is allowed; fp16/bf16 run on tensor cores (the
-    precision flag is ignored); fp64 is "ieee". Sums accumulate in fp32 (fp64 for fp64 inputs).
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if not 1 <= d <= MAX_BLOCK_D:
-        raise ValueError(f"hidden size d must be in [1, {MAX_BLOCK_D}] on the Triton path, got {d}")
-    bd = block_d_for(d)
-    if dtype == "fp32":
-        prec = "tf32" if allow_tf32 else "ieee"
-    else:
-        prec = "ieee" if dtype == "fp64" else "tf32"
-    return dict(BLOCK_E=BLOCK_E, BLOCK_Z=BLOCK_Z, BLOCK_D=bd, BLOCK_N=BLOCK_N, DOT_PREC=prec,
-                ACC=tl.float64 if dtype == "fp64" else tl.float32, num_warps=4 if bd <= 64 else 8)
 
 
 @triton.jit
@@ -268,13 +236,14 @@ def static_gen_bwd_weights_kernel(
                 BLOCK_E, BLOCK_Z, BLOCK_D, DOT_PREC, ACC)
 
 
-# --- ahead-of-time compile configurations (python -m hyperkern compile-check) --------------------
+# --- argument types, for the ahead-of-time compile check (hyperkern.compile_check) ------------------
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
 
 
-def _signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Every argument typed: *_ptr -> pointer (dst_* int64, pw/pb partials in the ACC dtype), ints -> i32."""
+def signature(kernel, dtype: str, constexprs: dict) -> dict:
+    """Every argument typed: *_ptr -> pointer (dst_* int64, pw/pb partials in the ACC dtype), ints
+    -> i32; the arguments in ``constexprs`` (None pointers too) are constexprs."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -288,31 +257,3 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
         else:
             sig[name] = "i32"
     return sig
-
-
-def compile_configs():
-    """Every configuration the launcher can choose: all three kernels for each BLOCK_D the launcher
-    picks (d in [1, MAX_BLOCK_D]), each dtype, fp32 with and without tf32, plus the bias-free
-    variant at the paper's d = 64 (see :func:`launch_meta`)."""
-    from hyperkern.compile_check import CompileConfig
-
-    variants = []  # (label, dtype, meta, has_bias)
-    block_ds = sorted({block_d_for(d) for d in range(1, MAX_BLOCK_D + 1)})
-    for dtype in DTYPES:
-        for allow_tf32 in ((False, True) if dtype == "fp32" else (False,)):
-            for bd in block_ds:
-                meta = launch_meta(bd, dtype, allow_tf32)
-                variants.append((f"{dtype} D{bd}" + (" tf32" if allow_tf32 else ""), dtype, meta, True))
-    variants.append(("fp32 D64 nobias", "fp32", launch_meta(64, "fp32"), False))
-
-    configs = []
-    for label, dtype, meta, bias in variants:
-        meta = dict(meta)
-        num_warps = meta.pop("num_warps")
-        for kernel, extra in ((static_gen_fwd_kernel, {"HAS_B_IN": bias, "HAS_B_OUT": bias}),
-                              (static_gen_bwd_rows_kernel, {"HAS_B_IN": bias}),
-                              (static_gen_bwd_weights_kernel, {"HAS_B_IN": bias})):
-            cx = {**meta, **extra}
-            configs.append(CompileConfig(name=label, fn=kernel, signature=_signature(kernel, dtype, cx),
-                                         constexprs=cx, num_warps=num_warps, num_stages=2))
-    return configs

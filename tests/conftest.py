@@ -19,9 +19,20 @@ if not _HAS_CUDA:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Tolerances, stated once (see README): relative max-error bounds against a float64 reference.
-TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2}
-GRAD_TOL_FP32 = 1e-4
+from hyperkern.ops import precision  # noqa: E402
+
+# Tolerances are stated once, in hyperkern.ops.precision (max relative error against a float64
+# reference, by device, dtype and dot precision); verify reads the same table.
+# The PyTorch backends on CPU: outputs and states ...
+TOL = {dt: precision.tolerance_for("cpu", dt).out for dt in (torch.float64, torch.float32, torch.float16)}
+GRAD_TOL_FP32 = precision.tolerance_for("cpu", torch.float32).grad  # ... and fp32 gradients
+
+
+def kernel_tol(dtype) -> "precision.Tolerance":
+    """The Triton kernels' tolerance where these tests run them: the interpreter's exact dots on
+    CPU, the current dot policy on CUDA (fp32: full-precision dots unless TF32 is switched on)."""
+    device = "cuda" if _HAS_CUDA else "cpu"
+    return precision.tolerance_for(device, dtype, interpreted=not _HAS_CUDA)
 
 
 def rel_err(got, want) -> float:

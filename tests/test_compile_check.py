@@ -1,9 +1,9 @@
 """The generic compile-check runner (hyperkern.compile_check) and the static-generation kernels' configs.
 
-``python -m hyperkern compile-check`` compiles every registered configuration for sm_80 and sm_90;
-here: the parsing and verdict logic on known ptxas output, a deliberately spilling kernel (the
-check must fail it), the static kernels' heaviest configurations (must pass), and that
-``compile_configs()`` covers every configuration the static-generation launcher can choose.
+``python -m hyperkern compile-check`` compiles every launch of the registered tables for sm_80 and
+sm_90; here: the parsing and verdict logic on known ptxas output, a deliberately spilling kernel
+(the check must fail it), the static kernels' heaviest configurations (must pass), and that every
+table types every argument (tests/test_triton_configs.py: the launchable set equals the compiled one).
 """
 from __future__ import annotations
 
@@ -72,18 +72,23 @@ def test_a_spilling_kernel_fails_the_check(tmp_path, monkeypatch):
     assert rows[0]["spill_stores"] > 0 and cc.problems(rows[0])
 
 
-STATIC_SUBSET = (
-    "static_gen_fwd_kernel [fp32 D64]",  # the paper's WRN hypernetwork (Nz = d = 64), default ieee dots
-    "static_gen_bwd_rows_kernel [fp64 D128]",  # most registers of the static kernels
-    "static_gen_bwd_weights_kernel [bf16 D128]",  # largest tensor-core tile, 8 warps
-)
+def _static_subset():
+    """The heaviest static-generation launches, named from the launch table."""
+    from hyperkern.ops.static_gen import configs
+
+    return tuple(f"{l.kernel} [{l.label}]" for l in (
+        configs.launch("static_gen_fwd_kernel", 64, "fp32", "ieee", True, True),  # the paper's WRN (Nz = d = 64)
+        configs.launch("static_gen_bwd_rows_kernel", 128, "fp64", "fp64", True),  # most registers
+        configs.launch("static_gen_bwd_weights_kernel", 128, "bf16", "bf16", False),  # largest tensor-core tile
+    ))
 
 
 def test_static_kernels_compile_without_spills(tmp_path):
     """The CLI on the heaviest static-generation configs, for sm_80 and sm_90."""
-    rows, stdout = run_compile_check(STATIC_SUBSET, tmp_path)
+    subset = _static_subset()
+    rows, stdout = run_compile_check(subset, tmp_path)
     assert sorted((r["kernel"], r["config"], r["arch"]) for r in rows) == sorted(
-        (f.split(" [")[0], f.split(" [")[1].rstrip("]"), arch) for f in STATIC_SUBSET for arch in (80, 90))
+        (f.split(" [")[0], f.split(" [")[1].rstrip("]"), arch) for f in subset for arch in (80, 90))
     for r in rows:
         assert r["error"] is None and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert 0 < r["registers"] <= 255 and 0 < r["shared"] <= cc.SMEM_LIMIT[r["arch"]]
@@ -94,35 +99,16 @@ def test_no_matching_config_is_an_error():
     assert cc.main(["--filter", "no such kernel anywhere", "--arch", "80", "--jobs", "1"]) == 2
 
 
-def test_static_compile_configs_cover_every_launch_choice():
-    """Every (d, dtype, tf32 setting) the launcher can see maps to a compiled configuration."""
-    from hyperkern.kernels import static_gen as k
-
-    compiled = {(c.kernel, tuple(sorted((n, str(v)) for n, v in c.constexprs.items())), c.num_warps)
-                for c in k.compile_configs()}
-    kernels = ("static_gen_fwd_kernel", "static_gen_bwd_rows_kernel", "static_gen_bwd_weights_kernel")
-    for dtype in k.DTYPES:
-        for allow_tf32 in (False, True):
-            for d in range(1, k.MAX_BLOCK_D + 1):
-                meta = dict(k.launch_meta(d, dtype, allow_tf32))
-                warps = meta.pop("num_warps")
-                for kernel in kernels:
-                    extra = {"HAS_B_IN": True, **({"HAS_B_OUT": True} if kernel == kernels[0] else {})}
-                    key = tuple(sorted((n, str(v)) for n, v in {**meta, **extra}.items()))
-                    assert (kernel, key, warps) in compiled, (kernel, dtype, d, allow_tf32)
-    with pytest.raises(ValueError, match="hidden size"):
-        k.launch_meta(k.MAX_BLOCK_D + 1, "fp32")
-
-
-def test_registered_modules_expose_compile_configs():
+def test_every_registered_table_types_every_argument():
+    """Every compile configuration of every launch table types every kernel argument, and every
+    constexpr (absent inputs too) is typed "constexpr"."""
     code = textwrap.dedent("""
-        import importlib
-        from hyperkern.compile_check import KERNEL_MODULES
-        for m in KERNEL_MODULES:
-            cfgs = importlib.import_module(m).compile_configs()
+        from hyperkern.compile_check import LAUNCH_TABLES, _all_configs
+        for m in LAUNCH_TABLES:
+            cfgs = _all_configs([m])
             assert cfgs and all(set(c.signature) == set(c.fn.arg_names) for c in cfgs), m
             assert all(c.signature[n] == "constexpr" for c in cfgs for n in c.constexprs), m
-        print("ok", len(KERNEL_MODULES))
+        print("ok", len(LAUNCH_TABLES))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from conftest import (GRAD_TOL_FP32, MASK_KINDS, cell_params, count_launches, layer_pair, masks_to, rel_err,
+from conftest import (MASK_KINDS, cell_params, count_launches, kernel_tol, layer_pair, masks_to, rel_err,
                       sequence_inputs)
 from hyperkern import HyperLSTM
 from hyperkern.ops.hyper_lstm import naive
@@ -27,8 +27,8 @@ CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-# Interpreter: dots are exact -> the issue's 1e-4. GPU: fp32 dots run in tf32.
-GTOL = {torch.float32: GRAD_TOL_FP32 if not CUDA else 1e-2, torch.float16: 3e-2}
+# gradient tolerances (hyperkern.ops.precision): the interpreter's exact dots, or the GPU's dot policy
+GTOL = {dt: kernel_tol(dt).grad for dt in (torch.float32, torch.float16)}
 
 from hyperkern.ops.hyper_lstm import fused_triton  # noqa: E402
 
@@ -354,18 +354,20 @@ def test_recompute_mode_with_guards(masks_kind):
 def test_compile_check_backward_subset(tmp_path):
     """The heaviest backward configurations (largest tiles, most registers, widest BE) for sm_80
     and sm_90: compile, 0 spills, shared memory under the limit. ``python -m hyperkern
-    compile-check`` covers all 70 backward configurations."""
+    compile-check`` covers every backward launch (tests/test_triton_configs.py: all of them)."""
     from conftest import run_compile_check
-    from hyperkern.ops.hyper_lstm.fused_triton import all_bwd_kernel_configs
+    from hyperkern.ops.hyper_lstm.fused_triton import configs
 
-    gates, cells = all_bwd_kernel_configs()
-    g_mid, g_big, c_row, c_big = gates[len(gates) // 2], gates[-1], cells[0], cells[-1]
-    subset = (
-        f"hyper_lstm_gates_bwd_kernel [fp32 BM{g_mid.BM} BN{g_mid.BN} BK{g_mid.BK}]",  # most registers
-        f"hyper_lstm_gates_bwd_kernel [bf16 BM{g_big.BM} BN{g_big.BN} BK{g_big.BK}]",  # largest tile
-        f"hyper_lstm_cell_bwd_kernel [fp32 BMC{c_row.BMC} BN{c_row.BN} BE64 LN]",  # longest chunks
-        f"hyper_lstm_cell_bwd_kernel [fp16 BMC{c_big.BMC} BN{c_big.BN} BE64 noLN]",
-    )
+    edges = configs.batch_edges()
+    subset = []
+    for B, E, dtype, dot, ln, drop, which in (
+        (edges[1], 1, "fp32", "ieee", True, 0, 1),     # gates-backward, fp32 on the CUDA cores: most registers
+        (edges[-1], 1, "bf16", "bf16", True, 0, 1),    # gates-backward, largest tile
+        (1, 64, "fp32", "tf32", True, 2, 0),           # cell-backward: longest chunks, widest BE, seeded dropout
+        (edges[-1], 64, "fp16", "fp16", False, 1, 0),  # cell-backward: most rows per program
+    ):
+        launch = configs.backward_launches(B, E, dtype, dot, ln, drop)[which]
+        subset.append(f"{launch.kernel} [{launch.label}]")
     rows, _ = run_compile_check(subset, tmp_path)
     assert len(rows) == 2 * len(subset)
     assert {r["arch"] for r in rows} == {80, 90}

@@ -6,70 +6,60 @@
 - ``fused_triton`` — fused Triton kernels (``"triton"``): forward and BPTT backward; CUDA
                      tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 
-Every backend follows the calling convention documented in :mod:`.common`.
+:data:`REGISTRY` says what each supports; ``"auto"`` picks ``triton`` for CUDA tensors it can
+run (float32/16, bfloat16, embed_size <= 64) and ``torch`` for everything else. Every backend
+follows the calling convention documented in :mod:`.common`. Importing this package imports every
+backend's Python module but never Triton (the kernels are imported at their first launch).
 """
 from __future__ import annotations
 
-import importlib
-import os
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
-import torch
-
+from ..registry import FLOATS, Backend, Registry, triton_requires
+from . import fused_torch, fused_triton, naive
 from .common import CellConfig, HyperLSTMState, PARAM_NAMES  # noqa: F401  (re-exported)
 from .dropout import DropoutSeed  # noqa: F401  (re-exported)
 
-BACKENDS = ("reference", "torch", "triton")
-_MODULES = {"reference": ".naive", "torch": ".fused_torch", "triton": ".fused_triton"}
-_LOADED: Dict[str, object] = {}
+
+def _triton_limits(embed_size: Optional[int] = None, **_) -> Optional[str]:
+    limit = fused_triton.configs.MAX_EMBED
+    if embed_size is not None and embed_size > limit:
+        return f"takes embed_size up to {limit} (the backward keeps dz in registers), got {embed_size}"
+    return None
 
 
-def _triton_status(device=None) -> Tuple[bool, str]:
-    """Triton imports AND (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1). Imports triton
-    only when asked (never when hyperkern is imported)."""
-    try:
-        import triton
-    except Exception as e:  # noqa: BLE001
-        return False, f"triton does not import ({type(e).__name__}: {e})"
-    interp = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-    where = "CUDA" if device is None else str(device)
-    if (device is None and torch.cuda.is_available()) or (device is not None and torch.device(device).type == "cuda"):
-        return True, f"Triton {triton.__version__} kernels on {where} (forward and backward)"
-    if interp and (device is None or torch.device(device).type == "cpu"):
-        return True, f"Triton {triton.__version__} interpreter on CPU tensors (TRITON_INTERPRET=1; slow, for tests)"
-    return False, f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); got {where if device is not None else 'no CUDA device'}"
+REGISTRY = Registry("HyperLSTM", (
+    Backend("reference", "float64-capable reference (SPEC transcribed step by step; the oracle)",
+            naive.hyper_lstm_sequence, {"cpu": FLOATS, "cuda": FLOATS}),
+    Backend("torch", "fast PyTorch path (hoisted GEMM, hand-written BPTT); any device",
+            fused_torch.hyper_lstm_sequence, {"cpu": FLOATS, "cuda": FLOATS}),
+    Backend("triton", "fused Triton kernels, forward and backward (2 launches per step each way)",
+            fused_triton.hyper_lstm_sequence,
+            {"cuda": fused_triton.SUPPORTED_DTYPES, "cpu": fused_triton.INTERPRETER_DTYPES},
+            auto_devices=("cuda",), requires=triton_requires, limits=_triton_limits),
+), auto_order=("triton", "torch"))
+BACKENDS = REGISTRY.names
 
 
-def backend_status(name: str, device=None) -> Tuple[bool, str]:
-    """(usable here, why or why not); ``device``: the tensors' device, if known."""
-    if name in ("reference", "torch"):
-        return True, "plain PyTorch, any device"
-    if name == "triton":
-        return _triton_status(device)
-    return False, f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}"
+def backend_status(name: str, device=None, dtype=None, training=None, **facts) -> Tuple[bool, str]:
+    """(usable here, why or what) for a backend name, optionally for a given call."""
+    return REGISTRY.status(name, device, dtype, training, **facts)
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Map ``"auto"`` to the fastest correct backend for ``device``; validate explicit names."""
-    if name == "auto":
-        # Triton on CUDA, for inference and training (fused forward + BPTT backward kernels).
-        if torch.device(device).type == "cuda" and backend_status("triton", device)[0]:
-            return "triton"
-        return "torch"
-    ok, why = backend_status(name, device)
-    if not ok:
-        raise ValueError(f"backend {name!r} is not available: {why}")
-    return name
+def resolve_backend(name: str, device, dtype=None, training=None, **facts) -> str:
+    """``"auto"`` -> the backend that runs this call; explicit names validated (ValueError saying why)."""
+    return REGISTRY.resolve(name, device, dtype, training, **facts)
 
 
 def get_backend(name: str) -> Callable:
-    """The ``hyper_lstm_sequence`` function of a resolved backend name."""
-    if name not in _MODULES:
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
-    if name not in _LOADED:  # a plain dict lookup afterwards: torch.compile traces it without a break
-        _LOADED[name] = importlib.import_module(_MODULES[name], __name__)
-    return _LOADED[name].hyper_lstm_sequence
+    """The ``hyper_lstm_sequence`` function of a resolved backend name (a dict lookup: no import,
+    so ``torch.compile`` traces through it)."""
+    return REGISTRY.get(name)
 
 
 def available_backends() -> Dict[str, Tuple[bool, str]]:
-    return {name: backend_status(name) for name in BACKENDS}
+    return REGISTRY.available()
+
+
+__all__ = ["REGISTRY", "BACKENDS", "backend_status", "resolve_backend", "get_backend", "available_backends",
+           "CellConfig", "HyperLSTMState", "DropoutSeed"]

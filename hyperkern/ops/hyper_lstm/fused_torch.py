@@ -350,7 +350,7 @@ def _cells(cfg: CellConfig, p, like: Tensor):
     return main, hyper
 
 
-@torch.compiler.disable  # a Python time loop: inside torch.compile'd models it runs eagerly (graph break)
+@torch._disable_dynamo  # a Python time loop, run eagerly inside torch.compile (a graph break); imports dynamo at the first call only
 def hyper_lstm_sequence(x: Tensor, state, params, cfg: CellConfig, lengths: Lengths = None, masks: Masks = None):
     """Run one cell over ``x [T, B, X]`` (calling convention in ``common``)."""
     T, B = x.shape[0], x.shape[1]

@@ -5,72 +5,48 @@
 - ``fused_triton`` — one fused Triton launch for every tile of every layer, with its own fused,
                      deterministic backward (``"triton"``).
 
-``"auto"`` picks ``"triton"`` for CUDA tensors when Triton imports, else ``"torch"``.
+:data:`REGISTRY` says what each supports: ``"auto"`` picks ``"triton"`` for CUDA tensors the kernels
+take (hidden size d <= 128, any float dtype) when Triton imports, else ``"torch"``.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ..registry import FLOATS, Backend, Registry, triton_requires
+from . import fused_torch, fused_triton, naive
 from .common import TilePlan, StaticGenShapes, check_inputs, count_tiles, make_plan  # noqa: F401
 
-BACKENDS = ("reference", "torch", "triton")
-_MODULES = {"reference": ".naive", "torch": ".fused_torch", "triton": ".fused_triton"}
+REGISTRY = Registry("static kernel generation", (
+    Backend("reference", "float64-capable reference (SPEC §2 as einsums)", naive.static_gen,
+            {"cpu": FLOATS, "cuda": FLOATS}),
+    Backend("torch", "two GEMMs and one permuting copy per run of same-shape layers; any device",
+            fused_torch.static_gen, {"cpu": FLOATS, "cuda": FLOATS}),
+    Backend("triton", "one fused Triton launch for every tile of every layer, fused deterministic backward",
+            fused_triton.static_gen, {"cuda": fused_triton.SUPPORTED_DTYPES, "cpu": fused_triton.INTERPRETER_DTYPES},
+            auto_devices=("cuda",), requires=triton_requires, limits=fused_triton.hidden_limit),
+), auto_order=("triton", "torch"))
+BACKENDS = REGISTRY.names
 
 
-def _triton_importable() -> Tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return False, f"triton does not import ({type(e).__name__}: {e})"
-    return True, "fused Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)"
+def backend_status(name: str, device=None, dtype=None, training=None, **facts) -> Tuple[bool, str]:
+    """(usable here, why or what) for a backend name, optionally for a given call (``hidden=d``)."""
+    return REGISTRY.status(name, device, dtype, training, **facts)
 
 
-def backend_status(name: str) -> Tuple[bool, str]:
-    """(usable here, why or why not)."""
-    if name in ("reference", "torch"):
-        return True, "plain PyTorch, any device"
-    if name == "triton":
-        return _triton_importable()
-    return False, f"unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}"
-
-
-def resolve_backend(name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-                    hidden: Optional[int] = None) -> str:
-    """Map ``"auto"`` to the fastest correct backend; validate explicit names.
-
-    ``"auto"`` is ``"triton"`` for CUDA tensors when Triton imports and the kernels cover the
-    dtype and hidden size (d <= 128), else ``"torch"``.
-    """
-    if name == "auto":
-        if device.type != "cuda" or not _triton_importable()[0]:
-            return "torch"
-        from . import fused_triton
-
-        try:
-            fused_triton.check_supported(torch.empty(0, dtype=dtype or torch.float32, device=device), hidden or 1)
-        except (TypeError, ValueError):
-            return "torch"
-        return "triton"
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
-    ok, why = backend_status(name)
-    if not ok:
-        raise ValueError(f"backend {name!r} is not available: {why}")
-    return name
+def resolve_backend(name: str, device, dtype: Optional[torch.dtype] = None, hidden: Optional[int] = None) -> str:
+    """``"auto"`` -> ``"triton"`` for CUDA tensors the kernels take (d <= 128), else ``"torch"``;
+    explicit names validated (ValueError saying why)."""
+    return REGISTRY.resolve(name, device, dtype, torch.is_grad_enabled(), hidden=hidden)
 
 
 def _run(z, w_in, b_in, w_out, b_out, kernel_size, layer_shapes, backend) -> List[Tensor]:
     shapes = check_inputs(z, w_in, b_in, w_out, b_out, kernel_size)
     plan = make_plan(shapes, layer_shapes)
     name = resolve_backend(backend, z.device, z.dtype, shapes.hidden)
-    return importlib.import_module(_MODULES[name], __name__).static_gen(z, w_in, b_in, w_out, b_out, plan)
+    return REGISTRY.get(name)(z, w_in, b_in, w_out, b_out, plan)
 
 
 def static_kernel_gen_layers(z: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor,
@@ -100,7 +76,7 @@ def static_kernel_gen(z: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Te
 
 
 def available_backends() -> Dict[str, Tuple[bool, str]]:
-    return {name: backend_status(name) for name in BACKENDS}
+    return REGISTRY.available()
 
 
 # --- benchmark rows and the performance model (for `python -m hyperkern bench`) -----------------
@@ -193,14 +169,16 @@ def bench_rows(layer_shapes: Optional[Sequence[Tuple[int, int]]] = None, z_dim: 
         return run
 
     # the Triton backend is timed only on CUDA (under the interpreter its time means nothing)
-    usable = [n for n in backends if backend_status(n)[0] and (n != "triton" or device.type == "cuda")]
+    usable = [n for n in backends if backend_status(n, device, dtype, backward, hidden=hidden)[0]
+              and (n != "triton" or device.type == "cuda")]
     times = time_interleaved({n: make_run(n) for n in usable}, repeats, device)
     rows = [{"backend": name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
              "tiles": E, "pass": "fwd+bwd" if backward else "fwd", "ms": 1e3 * sec}
             for name, sec in times.items()]
-    precision = {torch.float32: "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32",
-                 torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[dtype]
-    model = performance_model(layer_shapes, z_dim, hidden, precision=precision)
+    from ..precision import dot_precision
+
+    dot = dot_precision(dtype)
+    model = performance_model(layer_shapes, z_dim, hidden, precision="fp32" if dot == "ieee" else dot)
     key = "bwd_predicted_us" if backward else "fwd_predicted_us"
     rows.append({"backend": "model: H100 (triton)", "device": "H100 SXM", "dtype": str(dtype).replace("torch.", ""),
                  "tiles": E, "pass": "fwd+bwd" if backward else "fwd",

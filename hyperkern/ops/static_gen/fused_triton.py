@@ -14,39 +14,40 @@ Triton (and the kernel module) is imported on first use, never by ``import hyper
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import List
 
 import torch
 
+from hyperkern.kernels.common import cdiv, interpret_requested
+
+from .. import precision
+from . import configs
 from .common import TilePlan, cached_destinations
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TARGET_PROGRAMS = 128  # programs the dw_out split aims for (the grid's other axes are small)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    from hyperkern.kernels import static_gen
-
-    return static_gen
+INTERPRETER_DTYPES = (torch.float16, torch.float32, torch.float64)  # the interpreter's bf16 arithmetic is wrong
 
 
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def hidden_limit(hidden=None, **_):
+    """Why the kernels cannot take hidden size ``hidden`` (None: they can); the registry asks too."""
+    if hidden is not None and hidden > configs.MAX_BLOCK_D:
+        return (f"holds the hidden vector in registers: d = w_in.shape[1] must be <= {configs.MAX_BLOCK_D}, "
+                f"got {hidden} (use backend='torch')")
+    return None
 
 
 def check_supported(z: torch.Tensor, d: int) -> None:
     """Raise if the Triton path cannot run these inputs (dtype, device, hidden size)."""
     if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the triton backend supports float16, bfloat16, float32 and float64 inputs, got {z.dtype}")
-    if z.device.type != "cuda" and not interpreter_active():
+    if z.device.type != "cuda" and not interpret_requested():
         raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {z.device}")
-    max_d = _kernels().MAX_BLOCK_D
-    if d > max_d:
-        raise ValueError(f"the triton backend holds the hidden vector in registers: d = w_in.shape[1] must be "
-                         f"<= {max_d}, got {d} (use backend='torch')")
+    why = hidden_limit(d)
+    if why is not None:
+        raise ValueError(f"the triton backend {why}")
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -54,66 +55,59 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch(kernel, grid, *args, **kwargs):
-    """Every launch of this module goes through here (the tests count launches by patching it)."""
-    kernel[grid](*args, **kwargs)
+def _launch(launch, grid, args: dict):
+    """Every launch of this module goes through here (keyword arguments only; the tests count
+    launches by patching it)."""
+    launch.kernel_fn()[grid](**launch.kwargs(args))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-_DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-
-
-def _meta(d: int, dtype: torch.dtype) -> dict:
-    """Block sizes, dot precision, accumulator dtype and num_warps (kernels.static_gen.launch_meta)."""
-    return _kernels().launch_meta(d, _DTYPE_NAME[dtype], allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+def _launches(z: torch.Tensor, d: int, has_b_in: bool, has_b_out: bool):
+    """The three kernels' launches for these inputs (configs.launch; dots per hyperkern.ops.precision)."""
+    dt = precision.DTYPE_NAMES[z.dtype]
+    dot = precision.dot_precision(z.dtype, interpreted=z.device.type == "cpu")
+    return {k: configs.launch(k, d, dt, dot, has_b_in, has_b_out) for k in configs.KERNELS}
 
 
 def forward_flat(z, w_in, b_in, w_out, b_out, plan: TilePlan) -> torch.Tensor:
     """One launch: the flat buffer holding every generated weight (layout per ``plan``)."""
-    k = _kernels()
     E, n_z = z.shape
     n_in, d, _ = w_in.shape
     n_cols = w_out.shape[0]
     out = _empty((plan.numel,), z.dtype, z.device)
     dst_base, dst_row = cached_destinations(plan, z.device)
-    meta = _meta(d, z.dtype)
-    grid = (_cdiv(E, meta["BLOCK_E"]), n_in)
-    _launch(k.static_gen_fwd_kernel, grid,
-            z, w_in, b_in if b_in is not None else w_in, w_out, b_out if b_out is not None else w_out,
-            out, dst_base, dst_row, E, n_z, d, n_in, n_cols, plan.kk,
-            HAS_B_IN=b_in is not None, HAS_B_OUT=b_out is not None, **meta)
+    launch = _launches(z, d, b_in is not None, b_out is not None)["static_gen_fwd_kernel"]
+    grid = (cdiv(E, configs.BLOCK_E), n_in)
+    _launch(launch, grid, dict(
+        z_ptr=z, w_in_ptr=w_in, b_in_ptr=b_in, w_out_ptr=w_out, b_out_ptr=b_out, out_ptr=out,
+        dst_base_ptr=dst_base, dst_row_ptr=dst_row, n_tiles=E, n_z=n_z, d=d, n_in=n_in, n_cols=n_cols, KK=plan.kk))
     return out
 
 
 def backward_flat(dout, z, w_in, b_in, w_out, b_out, plan: TilePlan):
     """Gradients of (z, w_in, b_in, w_out, b_out) given the flat output gradient."""
-    k = _kernels()
     E, n_z = z.shape
     n_in, d, _ = w_in.shape
     n_cols = w_out.shape[0]
     dev, dt = z.device, z.dtype
     dout = dout.to(dt).contiguous()
     dst_base, dst_row = cached_destinations(plan, dev)
-    meta = _meta(d, dt)
-    be, bn, bz = meta["BLOCK_E"], meta["BLOCK_N"], meta["BLOCK_Z"]
-    n_groups = _cdiv(E, be)
     has_b_in = b_in is not None
+    launches = _launches(z, d, has_b_in, b_out is not None)
+    n_groups = cdiv(E, configs.BLOCK_E)
+    sizes = dict(n_tiles=E, n_z=n_z, d=d, n_in=n_in)
 
     a_buf = _empty((E, n_in, d), dt, dev)
     da_buf = _empty((E, n_in, d), dt, dev)
-    _launch(k.static_gen_bwd_rows_kernel, (n_groups, n_in),
-            z, w_in, b_in if has_b_in else w_in, w_out, dout, dst_base, dst_row, a_buf, da_buf,
-            E, n_z, d, n_in, n_cols, plan.kk, HAS_B_IN=has_b_in, **meta)
+    _launch(launches["static_gen_bwd_rows_kernel"], (n_groups, n_in), dict(
+        z_ptr=z, w_in_ptr=w_in, b_in_ptr=b_in, w_out_ptr=w_out, dout_ptr=dout, dst_base_ptr=dst_base,
+        dst_row_ptr=dst_row, a_buf_ptr=a_buf, da_buf_ptr=da_buf, n_cols=n_cols, KK=plan.kk, **sizes))
 
-    n_col_blocks = _cdiv(n_cols, bn)
+    n_col_blocks = cdiv(n_cols, configs.BLOCK_N)
     n_row_blocks = n_groups * n_in
     n_split = max(1, min(n_row_blocks, TARGET_PROGRAMS // n_col_blocks))
-    rows_per_split = _cdiv(n_row_blocks, n_split)
-    n_split = _cdiv(n_row_blocks, rows_per_split)  # no empty splits
-    n_z_blocks = _cdiv(n_z, bz)
+    rows_per_split = cdiv(n_row_blocks, n_split)
+    n_split = cdiv(n_row_blocks, rows_per_split)  # no empty splits
+    n_z_blocks = cdiv(n_z, configs.BLOCK_Z)
     acc = torch.float64 if dt == torch.float64 else torch.float32  # the kernels' ACC dtype
     pw = _empty((n_split, n_cols, d), acc, dev)
     pb = _empty((n_split, n_cols), acc, dev)
@@ -121,10 +115,11 @@ def backward_flat(dout, z, w_in, b_in, w_out, b_out, plan: TilePlan):
     dw_in = _empty(w_in.shape, dt, dev)
     db_in = _empty(b_in.shape, dt, dev) if has_b_in else None
     grid = (n_col_blocks * n_split + n_in * n_z_blocks + n_groups * n_z_blocks,)
-    _launch(k.static_gen_bwd_weights_kernel, grid,
-            z, w_in, dout, dst_base, dst_row, a_buf, da_buf, pw, pb, dw_in, db_in if has_b_in else dw_in, dz,
-            E, n_z, d, n_in, n_cols, plan.kk, n_col_blocks, n_split, rows_per_split, n_z_blocks,
-            HAS_B_IN=has_b_in, **meta)
+    _launch(launches["static_gen_bwd_weights_kernel"], grid, dict(
+        z_ptr=z, w_in_ptr=w_in, dout_ptr=dout, dst_base_ptr=dst_base, dst_row_ptr=dst_row, a_buf_ptr=a_buf,
+        da_buf_ptr=da_buf, pw_ptr=pw, pb_ptr=pb, dw_in_ptr=dw_in, db_in_ptr=db_in, dz_ptr=dz, n_cols=n_cols,
+        KK=plan.kk, n_col_blocks=n_col_blocks, n_split=n_split, rows_per_split=rows_per_split,
+        n_z_blocks=n_z_blocks, **sizes))
     dw_out = pw.sum(0).to(dt)
     db_out = pb.sum(0).to(dt) if b_out is not None else None
     return dz, dw_in, db_in, dw_out, db_out

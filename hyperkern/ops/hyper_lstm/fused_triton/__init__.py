@@ -1,0 +1,25 @@
+"""Triton backend of the HyperLSTM (``backend="triton"``): fused forward kernels and the fused BPTT
+backward (the kernels: ``kernels/hyper_lstm_fwd.py``, ``kernels/hyper_lstm_bwd.py``).
+
+- :mod:`.configs` — the launch configurations, as data (the launcher and the compile check read it);
+- :mod:`.launch`  — the launchers (:func:`run_sequence`, :func:`run_backward`), buffers, validation;
+- :mod:`.op`      — the backend entry point :func:`hyper_lstm_sequence` and its ``torch.library``
+  custom ops with their autograd.
+
+Importing this package does not import Triton (the kernels are imported at the first launch).
+"""
+from . import configs, launch, op
+from .configs import (all_bwd_kernel_configs, all_kernel_configs, all_launches, choose_bwd_configs,  # noqa: F401
+                      choose_configs)
+from .launch import (INTERPRETER_DTYPES, SUPPORTED_DTYPES, float64_interpreter, kernels_interpreted,  # noqa: F401
+                     run_backward, run_sequence)
+from .op import SAVED_NAMES, SAVED_NAMES_STATES, hyper_lstm_sequence, recompute  # noqa: F401
+
+
+def __getattr__(name):
+    """The training-memory and test modes live in the modules that read them."""
+    if name == "RECOMPUTE":
+        return op.RECOMPUTE
+    if name == "FLOAT64_INTERPRETER":
+        return launch.FLOAT64_INTERPRETER
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,184 @@
+"""The HyperLSTM Triton backend as PyTorch sees it: :func:`hyper_lstm_sequence` (the backend entry
+point, calling convention in ``..common``) and the two ``torch.library`` custom ops behind it.
+
+The whole sequence is one call of ``hyperkern::hyper_lstm_triton`` (so ``torch.compile`` keeps it
+as one opaque node, no graph break); with gradients required the op also returns what the
+backward needs, and its registered autograd formula is ``hyperkern::hyper_lstm_triton_backward``
+(the fused BPTT of :func:`.launch.run_backward`).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..common import NUM_PATHS, CellConfig, Lengths, Masks
+from ..dropout import DropoutSeed
+from .launch import _acc_dtype, _check_inputs, run_backward, run_sequence
+
+
+def _needs_grad(x: Tensor, state, params: Dict[str, Tensor]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return (x.requires_grad or any(isinstance(s, Tensor) and s.requires_grad for s in state)
+            or any(isinstance(p, Tensor) and p.requires_grad for p in params.values()))
+
+
+def hyper_lstm_sequence(
+    x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
+    lengths: Lengths = None, masks: Masks = None,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Run one cell over ``x [T, B, X]`` with the fused Triton kernels (calling convention in ``common``).
+
+    One call of the custom op ``hyperkern::hyper_lstm_triton``. With gradients required the op
+    also returns every step's state, P, G, Â and z (or only the states, :class:`recompute`), and
+    its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``)."""
+    _check_inputs(x, state, params, cfg, lengths, masks)
+    save = (2 if RECOMPUTE else 1) if _needs_grad(x, state, params) else 0
+    flat = [params[n] for n in cfg.param_names()]
+    m_main, m_hyper, seed, p_drop = _masks_to_op(masks)
+    res = torch.ops.hyperkern.hyper_lstm_triton(
+        x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size, cfg.embed_size,
+        bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save)
+    return res[0], tuple(res[1:5])
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration: one custom op over a whole sequence (forward) and one for its
+# backward, so torch.compile treats the time loop as a single opaque node (no graph break).
+# --------------------------------------------------------------------------------------------
+
+SAVED_NAMES = ("H", "C", "HH", "CH", "P", "G", "AH", "Z", "XP", "lens")  # save=1 (full)
+SAVED_NAMES_STATES = ("H", "C", "HH", "CH", "lens")  # save=2 (recompute mode)
+
+RECOMPUTE = False  # training memory mode of backend="triton"; see :func:`recompute`
+
+
+class recompute:
+    """``with fused_triton.recompute():`` (or ``recompute(False)``) — training forwards inside
+    keep only the states h, c, ĥ, ĉ of every step; the backward rebuilds XP with one GEMM and
+    re-runs each step's forward kernels (2 more launches per step, 4 in all) to get P, G, Â, z.
+    Gradients are bitwise identical to the default mode (same kernels, same inputs)."""
+
+    def __init__(self, on: bool = True):
+        self.on = bool(on)
+
+    def __enter__(self):
+        global RECOMPUTE
+        self.prev, RECOMPUTE = RECOMPUTE, self.on
+        return self
+
+    def __exit__(self, *exc):
+        global RECOMPUTE
+        RECOMPUTE = self.prev
+        return False
+
+
+def _cfg_of(X: int, H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float) -> CellConfig:
+    return CellConfig(X, H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps))
+
+
+def _saved_shapes(T, B, H, Hh, E):
+    return {"H": (T + 1, B, H), "C": (T + 1, B, H), "HH": (T + 1, B, Hh), "CH": (T + 1, B, Hh),
+            "P": (T, B, 4 * H), "G": (T, B, 4 * H), "AH": (T, B, 4 * Hh), "Z": (T, B, NUM_PATHS * E),
+            "XP": (T, B, 4 * H + 4 * Hh), "lens": (B,)}
+
+
+@torch.library.custom_op("hyperkern::hyper_lstm_triton", mutates_args=())
+def hyper_lstm_triton_op(
+    x: Tensor, h0: Tensor, c0: Tensor, hh0: Tensor, ch0: Tensor, params: List[Tensor],
+    lengths: Optional[Tensor], m_main: Optional[Tensor], m_hyper: Optional[Tensor],
+    seed: Optional[Tensor], p_drop: float,
+    H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float, save: int,
+) -> List[Tensor]:
+    """[out, h, c, ĥ, ĉ] + what the backward needs: nothing (``save=0``, inference), every step's
+    tensors (1: :data:`SAVED_NAMES`) or only every step's states (2, recompute mode:
+    :data:`SAVED_NAMES_STATES`). Recurrent dropout: the masks ``m_main, m_hyper``, or ``seed`` with
+    drop probability ``p_drop`` (see :func:`_masks_to_op`), or neither."""
+    cfg = _cfg_of(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
+    p = dict(zip(cfg.param_names(), params))
+    masks = _masks_from_op(m_main, m_hyper, seed, p_drop)
+    mode = {0: False, 1: "full", 2: "states"}[int(save)]
+    out, final, buf = run_sequence(x, (h0, c0, hh0, ch0), p, cfg, lengths, masks, save=mode)
+    res = [out] + [f.clone() for f in final]  # never alias another output
+    if save:
+        res += [buf.saved[n] for n in (SAVED_NAMES if save == 1 else SAVED_NAMES_STATES)]
+    return res
+
+
+@hyper_lstm_triton_op.register_fake
+def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
+      ln_eps, save):
+    T, B, _ = x.shape
+    res = [x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)]
+    if save:
+        shapes = _saved_shapes(T, B, H, Hh, E)
+        for n in (SAVED_NAMES if save == 1 else SAVED_NAMES_STATES):
+            res.append(x.new_empty(shapes[n], dtype=torch.int32 if n == "lens" else _acc_dtype(x.dtype)))
+    return res
+
+
+@torch.library.custom_op("hyperkern::hyper_lstm_triton_backward", mutates_args=())
+def hyper_lstm_triton_backward_op(
+    x: Tensor, params: List[Tensor], saved: List[Tensor], m_main: Optional[Tensor], m_hyper: Optional[Tensor],
+    seed: Optional[Tensor], p_drop: float, d_out: Optional[Tensor], dh: Optional[Tensor], dc: Optional[Tensor],
+    dhh: Optional[Tensor], dch: Optional[Tensor], H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float,
+) -> List[Tensor]:
+    """[d x, d h0, d c0, d ĥ0, d ĉ0] + the parameter gradients (``cfg.param_names()`` order)."""
+    cfg = _cfg_of(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
+    p = dict(zip(cfg.param_names(), params))
+    sv = dict(zip(SAVED_NAMES if len(saved) == len(SAVED_NAMES) else SAVED_NAMES_STATES, saved))
+    sv["masks"] = _masks_from_op(m_main, m_hyper, seed, p_drop)
+    dx, d_state, grads, _ = run_backward(x, p, cfg, sv, d_out, (dh, dc, dhh, dch))
+    return [dx, *d_state] + [grads[n] for n in cfg.param_names()]
+
+
+@hyper_lstm_triton_backward_op.register_fake
+def _(x, params, saved, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm, forget_bias,
+      ln_eps):
+    B = x.shape[1]
+    return [torch.empty_like(x), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)] + \
+        [torch.empty_like(q) for q in params]
+
+
+_SCALARS = ("H", "Hh", "E", "layer_norm", "forget_bias", "ln_eps")
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, *scalars = inputs
+    ctx.scalars = scalars[:6]
+    ctx.p_drop = p_drop
+    ctx.state_dtypes = [s.dtype for s in (h0, c0, hh0, ch0)]
+    ctx.n_params = len(params)
+    ctx.save_for_backward(x, m_main, m_hyper, seed, *params, *output[5:])
+
+
+def _backward(ctx, grads):
+    x, m_main, m_hyper, seed, *rest = ctx.saved_tensors
+    params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
+    if not saved:
+        raise RuntimeError("hyperkern::hyper_lstm_triton ran with save=False: nothing kept for the backward")
+    d_out, dh, dc, dhh, dch = grads[:5]
+    res = torch.ops.hyperkern.hyper_lstm_triton_backward(
+        x, list(params), list(saved), m_main, m_hyper, seed, ctx.p_drop, d_out, dh, dc, dhh, dch, *ctx.scalars)
+    d_state = [g.to(dt) for g, dt in zip(res[1:5], ctx.state_dtypes)]
+    return (res[0], *d_state, list(res[5:])) + (None,) * 12  # lengths, m_main, m_hyper, seed, p_drop, 7 scalars
+
+
+def _masks_to_op(masks):
+    """A backend's ``masks`` as the op's ``(m_main, m_hyper, seed, p_drop)`` arguments."""
+    if isinstance(masks, DropoutSeed):
+        return None, None, masks.seed, float(masks.p)
+    if masks is None:
+        return None, None, None, 0.0
+    return masks[0], masks[1], None, 0.0
+
+
+def _masks_from_op(m_main, m_hyper, seed, p_drop):
+    if seed is not None:
+        return DropoutSeed(seed, float(p_drop))
+    return None if m_main is None else (m_main, m_hyper)
+
+
+hyper_lstm_triton_op.register_autograd(_backward, setup_context=_setup_context)
