@@ -1,4 +1,4 @@
-"""Command line: ``python -m hyperkern {info,verify,bench,compile-check}``."""
+"""Command line: ``python -m hyperkern {info,verify,bench,compile-check,gpu-check}``."""
 from __future__ import annotations
 
 import argparse
@@ -47,8 +47,11 @@ def main(argv=None) -> int:
     p_bench.add_argument("--case", action="append", help="only these cases (repeatable)")
     sub.add_parser("compile-check", add_help=False,
                    help="compile every Triton kernel for sm_80/sm_90 (no GPU needed); --help for its options")
+    sub.add_parser("gpu-check", add_help=False,
+                   help="on a CUDA machine: correctness, graphs, compile, determinism, timings -> gpu-check.json "
+                        "(--dry-run: the same at tiny sizes on CPU); --help for its options")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "compile-check":
+    if rest and args.command not in ("compile-check", "gpu-check"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         return _info(args)
@@ -64,6 +67,10 @@ def main(argv=None) -> int:
         from hyperkern.compile_check import main as cc_main
 
         return cc_main(rest)
+    if args.command == "gpu-check":
+        from hyperkern.gpu_check import main as gc_main
+
+        return gc_main(rest)
     return 2
 
 

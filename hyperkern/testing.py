@@ -1,5 +1,8 @@
-"""Helpers for checking fast paths against the reference (used by the tests and ``verify``)."""
+"""Helpers for checking fast paths against the reference (used by the tests, ``verify`` and
+``gpu-check``)."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -25,3 +28,38 @@ def randomize_(module: nn.Module, generator: torch.Generator = None, scale: floa
         else:
             p.copy_(scale * noise)
     return module
+
+
+class GuardedAlloc:
+    """A stand-in for a launcher's buffer allocation (``static_gen.fused_triton._empty``): each
+    buffer is NaN-filled and sits between ``guard`` elements holding a sentinel. :meth:`check`
+    then proves every element was written (no NaN left) and nothing outside was (sentinels intact)."""
+
+    SENTINEL = -1000.0  # exact in fp16, bf16, fp32, fp64
+
+    def __init__(self, guard: int = 37):
+        self.guard = guard
+        self.buffers = []
+
+    def __call__(self, shape, dtype, device):
+        n, g = math.prod(shape), self.guard
+        buf = torch.full((n + 2 * g,), self.SENTINEL, dtype=dtype, device=device)
+        buf[g:g + n] = float("nan")
+        self.buffers.append((buf, n))
+        return buf[g:g + n].view(shape)
+
+    def problems(self):
+        """What went wrong, as sentences (empty: every buffer written exactly in bounds)."""
+        if not self.buffers:
+            return ["no buffer was allocated through the guarded allocator"]
+        out, g = [], self.guard
+        for i, (buf, n) in enumerate(self.buffers):
+            if not bool((torch.cat([buf[:g], buf[g + n:]]) == self.SENTINEL).all()):
+                out.append(f"buffer {i}: write out of bounds")
+            if bool(torch.isnan(buf[g:g + n]).any()):
+                out.append(f"buffer {i}: element left unwritten (or NaN computed)")
+        return out
+
+    def check(self):
+        bad = self.problems()
+        assert not bad, "; ".join(bad)

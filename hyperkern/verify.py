@@ -3,7 +3,9 @@
 For each backend (all available ones but ``"reference"``, or the requested ones) and each random
 configuration (odd sizes, non-initial parameters, with and without layer norm, forget_bias != 1,
 multi-layer, bidirectional, variable length, packed input, recurrent dropout in train mode), in
-float64, float32 and float16 where the backend supports them:
+every dtype the backend registry says the backend computes in on its device (float64, float32,
+float16; bfloat16 on CUDA), held to hyperkern.ops.precision's tolerance for that device, dtype and
+dot precision (the table the test suite uses):
 
 - build a float64 reference ``HyperLSTM`` with :func:`hyperkern.testing.randomize_` parameters,
   rounded to the dtype under test (so the comparison measures the backend's arithmetic only);
@@ -17,8 +19,8 @@ only and its rows say ``fwd only``. One row per (backend, config, dtype); exit s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import importlib
 import math
 import os
 import re
@@ -27,27 +29,18 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-# The Triton interpreter must be chosen before any kernel is first imported (see tests/conftest.py).
-try:
-    import torch
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except Exception:  # pragma: no cover
-    pass
+from .modules import HyperLSTM
+from .ops import hyper_lstm as op
+from .ops import precision
+from .ops.hyper_lstm.dropout import DropoutSeed
+from .testing import randomize_
 
-import torch  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
-
-from .modules import HyperLSTM  # noqa: E402
-from .ops import hyper_lstm as op  # noqa: E402
-from .testing import randomize_  # noqa: E402
-
-F64, F32, F16 = torch.float64, torch.float32, torch.float16
-DTYPES = (F64, F32, F16)
-# max relative error bounds (outputs & states, gradients), the same as the test suite's
-TOL = {F64: (1e-9, 1e-9), F32: (1e-5, 1e-4), F16: (1e-2, 3e-2)}
-_DT_NAME = {F64: "fp64", F32: "fp32", F16: "fp16", torch.bfloat16: "bf16"}
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+DTYPES = (F64, F32, F16, BF16)  # each backend runs those the registry says it computes in on its device
+_DT_NAME = precision.DTYPE_NAMES
 _NO_TRAINING = re.compile(r"(forward[- ]only|(does not|doesn't|not|no) support\w* (for )?(training|backward|grad))",
                           re.IGNORECASE)
 
@@ -121,22 +114,23 @@ def _rel_err(got, want) -> float:
     return float((got - want).abs().max() / scale)
 
 
-def _supported_dtypes(backend: str) -> Optional[tuple]:
-    """The backend module's ``SUPPORTED_DTYPES`` if it declares one (else every dtype is checked)."""
-    try:
-        mod = importlib.import_module(op._MODULES[backend], op.__name__)
-        return tuple(getattr(mod, "SUPPORTED_DTYPES"))
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def _device_for(backend: str) -> torch.device:
     if backend != "reference" and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 
 
-def _build(cfg: Config, backend: str, dtype, device, seed: int):
+def _interpreted(backend: str, device: torch.device) -> bool:
+    return backend == "triton" and device.type == "cpu"
+
+
+def tolerance(backend: str, dtype, device: torch.device) -> precision.Tolerance:
+    """The check's tolerance: hyperkern.ops.precision's table for this device, dtype and the dot
+    precision the backend computes with here (the same table the test suite reads)."""
+    return precision.tolerance_for(device, dtype, interpreted=_interpreted(backend, device))
+
+
+def _build(cfg: Config, backend: str, dtype, device, seed: int, ref_device):
     """Reference (float64) and backend models with identical parameters, plus the inputs."""
     gen = torch.Generator().manual_seed(seed)
     ref = HyperLSTM(cfg.X, cfg.H, cfg.Hh, cfg.E, num_layers=cfg.layers, bidirectional=cfg.bidirectional,
@@ -149,7 +143,7 @@ def _build(cfg: Config, backend: str, dtype, device, seed: int):
             p.copy_(p.to(dtype).to(F64))
     model = copy.deepcopy(ref).to(device=device, dtype=dtype)
     model.backend = backend
-    ref = ref.to(device)
+    ref = ref.to(ref_device)
     train = cfg.recurrent_dropout > 0 or cfg.dropout > 0
     ref.train(train)
     model.train(train)
@@ -189,27 +183,66 @@ def _run(model, cfg: Config, x, state, g_out, g_state, dtype, device, seed, with
     return out.detach(), tuple(s.detach() for s in st), dict(zip(named, grads))
 
 
+class _SeedTape:
+    """Recurrent dropout drawn on one device, replayed on another: ``record()`` keeps every seed the
+    model draws (``DropoutSeed.draw``), ``replay()`` hands the same seeds, in the same order, to the
+    reference running elsewhere (a CUDA generator and the CPU one draw different numbers)."""
+
+    def __init__(self):
+        self.seeds: List[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def _patched(self, draw):
+        real = DropoutSeed.__dict__["draw"]
+        DropoutSeed.draw = staticmethod(draw)
+        try:
+            yield self
+        finally:
+            DropoutSeed.draw = real
+
+    def record(self):
+        self.seeds.clear()
+        real = DropoutSeed.draw
+
+        def draw(p, device, generator=None):
+            d = real(p, device, generator)
+            self.seeds.append(d.seed.detach().clone())
+            return d
+        return self._patched(draw)
+
+    def replay(self):
+        seeds = list(self.seeds)
+        return self._patched(lambda p, device, generator=None: DropoutSeed(seeds.pop(0).to(device), float(p)))
+
+
 def _is_no_training_error(e: BaseException) -> bool:
     return isinstance(e, (NotImplementedError, RuntimeError)) and bool(_NO_TRAINING.search(str(e)))
 
 
-def check(backend: str, cfg: Config, dtype, seed: int = 0) -> Row:
-    """One row: ``backend`` vs the float64 reference on ``cfg`` in ``dtype``."""
+def check(backend: str, cfg: Config, dtype, seed: int = 0, ref_device=None) -> Row:
+    """One row: ``backend`` vs the float64 reference on ``cfg`` in ``dtype``; the reference runs
+    on ``ref_device`` (default: the backend's device; ``gpu-check`` runs it on the CPU)."""
     row = Row(backend, cfg.name, _DT_NAME.get(dtype, str(dtype)))
     device = _device_for(backend)
-    tol_out, tol_grad = TOL[dtype]
+    tol_out, tol_grad = tolerance(backend, dtype, device)
     try:
-        ref, model, x, state, g_out, g_state = _build(cfg, backend, dtype, device, seed)
-        want = _run(ref, cfg, x, state, g_out, g_state, F64, device, seed, True)
+        ref_device = torch.device(ref_device) if ref_device is not None else device
+        ref, model, x, state, g_out, g_state = _build(cfg, backend, dtype, device, seed, ref_device)
+        # the same dropout seeds on both sides: the same generator (one device), or replayed
+        tape = _SeedTape() if ref_device != device else None
         fwd_only = False
         try:
-            got = _run(model, cfg, x, state, g_out, g_state, dtype, device, seed, True)
+            with tape.record() if tape else contextlib.nullcontext():
+                got = _run(model, cfg, x, state, g_out, g_state, dtype, device, seed, True)
         except Exception as e:  # noqa: BLE001
             if not _is_no_training_error(e):
                 raise
             fwd_only = True
             row.note = "backend does not support training"
-            got = _run(model, cfg, x, state, g_out, g_state, dtype, device, seed, False)
+            with tape.record() if tape else contextlib.nullcontext():
+                got = _run(model, cfg, x, state, g_out, g_state, dtype, device, seed, False)
+        with tape.replay() if tape else contextlib.nullcontext():
+            want = _run(ref, cfg, x, state, g_out, g_state, F64, ref_device, seed, True)
     except Exception as e:  # noqa: BLE001
         row.note = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         return row
@@ -258,8 +291,13 @@ def print_table(rows: List[Row], file=None) -> None:
 
 def main(backends=None, seed: int = 0, *, dtypes=None, configs=None) -> int:
     """Verify ``backends`` (default: every available one but the reference). Returns the exit code:
-    0 all PASS, 1 any FAIL, 2 nothing to verify (unknown or unavailable backend requested)."""
+    0 all PASS, 1 any FAIL, 2 nothing to verify (unknown or unavailable backend requested).
+
+    Without CUDA the Triton backend runs in Triton's interpreter: ``TRITON_INTERPRET=1`` is set
+    here (not at import) unless the variable is set already; it must precede the kernels' import."""
     t0 = time.perf_counter()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     status = op.available_backends()
     if backends:
         names = list(dict.fromkeys(backends))
@@ -283,20 +321,25 @@ def main(backends=None, seed: int = 0, *, dtypes=None, configs=None) -> int:
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes; avoids an oversubscribed OpenMP pool on shared machines
     rows: List[Row] = []
+    used: Dict[tuple, precision.Tolerance] = {}
     try:
         for b in run_names:
-            supported = _supported_dtypes(b)
-            cfgs = configs if configs is not None else (TINY_CONFIGS if b == "triton" else CONFIGS)
+            device = _device_for(b)
+            cfgs = configs if configs is not None else (TINY_CONFIGS if _interpreted(b, device) else CONFIGS)
             for dt in (dtypes or DTYPES):
-                if supported is not None and dt not in supported:
-                    print(f"backend {b!r} does not support {_DT_NAME[dt]}: skipped")
+                ok, why = op.backend_status(b, device, dt, True)
+                if not ok:
+                    print(f"backend {b!r} on {device.type} in {_DT_NAME[dt]}: skipped ({why})")
                     continue
+                dot = precision.dot_precision(dt, _interpreted(b, device), device.type)
+                used[(device.type, _DT_NAME[dt], dot)] = tolerance(b, dt, device)
                 for i, cfg in enumerate(cfgs):
                     rows.append(check(b, cfg, dt, seed=seed * 1000 + i))
     finally:
         torch.set_num_threads(n_threads)
-    print(f"hyperkern verify: max relative error vs the float64 reference (seed {seed}); tolerances "
-          + ", ".join(f"{_DT_NAME[d]} {o:.0e}/{g:.0e} (out,state/grads)" for d, (o, g) in TOL.items()))
+    print(f"hyperkern verify: max relative error vs the float64 reference (seed {seed}); tolerances from "
+          "hyperkern.ops.precision (device dtype dots: out,state / grads): "
+          + ", ".join(f"{d} {n} {dot} {t.out:.0e}/{t.grad:.0e}" for (d, n, dot), t in used.items()))
     print_table(rows)
     fails = [r for r in rows if r.status.startswith("FAIL")]
     print(f"{len(rows) - len(fails)}/{len(rows)} passed in {time.perf_counter() - t0:.1f} s"

@@ -43,9 +43,11 @@ def test_cli_verify_torch_backend_passes_and_prints_table():
     for col in ("config", "dtype", "out", "state", "grads", "result"):
         assert col in lines[header]
     rows = [l for l in lines[header + 2:] if l.startswith("torch ")]
-    # every configuration in fp64, fp32 and fp16, each a PASS with gradients checked
-    assert len(rows) == 3 * len(verify.CONFIGS), r.stdout
-    for dt in ("fp64", "fp32", "fp16"):
+    # every configuration in every dtype the registry gives the torch backend, each a PASS with
+    # gradients checked, against the table's tolerance (printed in the header)
+    assert len(rows) == 4 * len(verify.CONFIGS), r.stdout
+    assert "cpu bf16 bf16 8e-02/2e-01" in r.stdout and "cpu fp32 ieee 1e-05/1e-04" in r.stdout
+    for dt in ("fp64", "fp32", "fp16", "bf16"):
         assert sum(f" {dt} " in l for l in rows) == len(verify.CONFIGS)
     assert all(l.rstrip().endswith("PASS") for l in rows), r.stdout
     assert "FAIL" not in r.stdout

@@ -19,6 +19,7 @@ from hyperkern import static_kernel_gen, static_kernel_gen_layers, wrn_hyper_lay
 from hyperkern.ops import static_gen as op
 from hyperkern.ops.static_gen import naive
 from hyperkern.ops.static_gen.common import check_inputs, make_plan
+from hyperkern.testing import GuardedAlloc
 
 ODD = dict(E=3, Nz=3, d=6, Ni=5, No=7, k=3)
 GUARD = 37  # elements of NaN on each side of every guarded buffer
@@ -59,36 +60,12 @@ def guarded(t: torch.Tensor) -> torch.Tensor:
     return buf[GUARD:GUARD + t.numel()].view(t.shape)
 
 
-class GuardedAlloc:
-    """Stands in for fused_triton._empty: NaN-filled buffers between guard zones holding a sentinel
-    value, checked afterwards (a guard that changed, even to NaN, means a write out of bounds)."""
-
-    SENTINEL = -1000.0  # exact in fp16, bf16, fp32, fp64
-
-    def __init__(self):
-        self.buffers = []
-
-    def __call__(self, shape, dtype, device):
-        n = math.prod(shape)
-        buf = torch.full((n + 2 * GUARD,), self.SENTINEL, dtype=dtype, device=device)
-        buf[GUARD:GUARD + n] = float("nan")
-        self.buffers.append((buf, n))
-        return buf[GUARD:GUARD + n].view(shape)
-
-    def check(self):
-        assert self.buffers, "no buffer was allocated through fused_triton._empty"
-        for buf, n in self.buffers:
-            guards = torch.cat([buf[:GUARD], buf[GUARD + n:]])
-            assert (guards == self.SENTINEL).all(), "write out of bounds"
-            assert not torch.isnan(buf[GUARD:GUARD + n]).any(), "element left unwritten (or NaN computed)"
-
-
 @pytest.fixture
 def fused(monkeypatch):
     """The Triton launcher module, with guarded allocations and a launch counter."""
     from hyperkern.ops.static_gen import fused_triton
 
-    alloc = GuardedAlloc()
+    alloc = GuardedAlloc(GUARD)
     launches = []
     real_launch = fused_triton._launch
 

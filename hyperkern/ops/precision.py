@@ -85,6 +85,27 @@ def tf32_enabled() -> bool:
     return bool(mm.allow_tf32)
 
 
+class tf32_matmuls:
+    """``with tf32_matmuls(True):`` — PyTorch's matmul TF32 flag set for the block (through the new
+    API where PyTorch has it, else the legacy flag), restored after. For checks and benchmarks
+    that run both fp32 dot precisions in one process; users set the flag itself."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = bool(enabled)
+        mm = torch.backends.cuda.matmul
+        self.name = "fp32_precision" if hasattr(mm, "fp32_precision") else "allow_tf32"
+
+    def __enter__(self):
+        mm = torch.backends.cuda.matmul
+        self.prev = getattr(mm, self.name)
+        setattr(mm, self.name, ("tf32" if self.enabled else "ieee") if self.name == "fp32_precision" else self.enabled)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(torch.backends.cuda.matmul, self.name, self.prev)
+        return False
+
+
 def dot_precision(dtype: torch.dtype, interpreted: bool = False, device_type: str = "cuda") -> str:
     """How the dots treat operands of ``dtype``: "exact" (the interpreter), "tf32" or "ieee"
     (float32 on CUDA, by :func:`tf32_enabled`; always "ieee" on CPU), "fp16", "bf16", "fp64"."""

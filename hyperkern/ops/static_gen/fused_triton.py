@@ -4,6 +4,9 @@ Forward: ONE launch of ``static_gen_fwd_kernel`` writes every tile of every laye
 one flat buffer that holds all the layers' ``[C_out, C_in, k, k]`` weights back to back; the layers
 are views of it (no concatenation, no permutation copy).
 
+Both directions are ``torch.library`` custom ops (``hyperkern::static_gen_triton`` and its
+backward), so ``torch.compile`` keeps them as opaque nodes.
+
 Backward (deterministic: every reduction in a fixed order, no atomics):
 1. ``static_gen_bwd_rows_kernel`` recomputes A and computes dA = dS @ w_out (gathering dS from the
    flat gradient with the forward's addressing), both to ``[E, N_in, d]`` scratch in the input dtype;
@@ -14,7 +17,7 @@ Triton (and the kernel module) is imported on first use, never by ``import hyper
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -125,29 +128,73 @@ def backward_flat(dout, z, w_in, b_in, w_out, b_out, plan: TilePlan):
     return dz, dw_in, db_in, dw_out, db_out
 
 
-class StaticGenFunction(torch.autograd.Function):
-    """``(z, w_in, b_in, w_out, b_out) -> flat`` with the fused kernels in both directions."""
+# --------------------------------------------------------------------------------------------
+# torch.library registration: the forward and the backward are custom ops (opaque to
+# torch.compile: no graph break), the backward registered as the forward's autograd formula.
+# A TilePlan travels as ints: its layer shapes flattened ([] for a plain tile stack).
+# --------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, z, w_in, b_in, w_out, b_out, plan):
-        ctx.plan = plan
-        ctx.save_for_backward(z, w_in, b_in, w_out, b_out)
-        return forward_flat(z, w_in, b_in, w_out, b_out, plan)
+def _plan_of(z: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, kernel_size: int, layers: List[int]) -> TilePlan:
+    kk = kernel_size * kernel_size
+    shapes = tuple(zip(layers[0::2], layers[1::2])) if layers else None
+    return TilePlan(w_out.shape[0] // kk, w_in.shape[0], kernel_size, shapes, z.shape[0])
 
-    @staticmethod
-    def backward(ctx, dout):
-        z, w_in, b_in, w_out, b_out = ctx.saved_tensors
-        with torch.cuda.device_of(z):
-            grads = backward_flat(dout, z, w_in, b_in, w_out, b_out, ctx.plan)
-        return (*grads, None)
+
+@torch.library.custom_op("hyperkern::static_gen_triton", mutates_args=())
+def static_gen_triton_op(z: torch.Tensor, w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
+                         b_out: Optional[torch.Tensor], kernel_size: int, layers: List[int]) -> torch.Tensor:
+    """The flat buffer of every generated weight (layout: :class:`TilePlan`), one launch."""
+    with torch.cuda.device_of(z):  # launch on the inputs' GPU (a no-op for CPU tensors)
+        return forward_flat(z, w_in, b_in, w_out, b_out, _plan_of(z, w_in, w_out, kernel_size, layers))
+
+
+@static_gen_triton_op.register_fake
+def _(z, w_in, b_in, w_out, b_out, kernel_size, layers):
+    return z.new_empty(_plan_of(z, w_in, w_out, kernel_size, layers).numel)
+
+
+@torch.library.custom_op("hyperkern::static_gen_triton_backward", mutates_args=())
+def static_gen_triton_backward_op(dout: torch.Tensor, z: torch.Tensor, w_in: torch.Tensor, b_in: Optional[torch.Tensor],
+                                  w_out: torch.Tensor, b_out: Optional[torch.Tensor], kernel_size: int,
+                                  layers: List[int]) -> List[torch.Tensor]:
+    """[dz, dw_in, dw_out] + [db_in if b_in] + [db_out if b_out]."""
+    with torch.cuda.device_of(z):
+        dz, dw_in, db_in, dw_out, db_out = backward_flat(dout, z, w_in, b_in, w_out, b_out,
+                                                         _plan_of(z, w_in, w_out, kernel_size, layers))
+    return [dz, dw_in, dw_out] + [g for g in (db_in, db_out) if g is not None]
+
+
+@static_gen_triton_backward_op.register_fake
+def _(dout, z, w_in, b_in, w_out, b_out, kernel_size, layers):
+    return [torch.empty_like(t) for t in (z, w_in, w_out, b_in, b_out) if t is not None]
+
+
+def _setup_context(ctx, inputs, output):
+    z, w_in, b_in, w_out, b_out, kernel_size, layers = inputs
+    ctx.kernel_size, ctx.layers = kernel_size, layers
+    ctx.has_b = (b_in is not None, b_out is not None)
+    ctx.save_for_backward(z, w_in, b_in, w_out, b_out)
+
+
+def _backward(ctx, dout):
+    z, w_in, b_in, w_out, b_out = ctx.saved_tensors
+    g = torch.ops.hyperkern.static_gen_triton_backward(dout, z, w_in, b_in, w_out, b_out, ctx.kernel_size, ctx.layers)
+    dz, dw_in, dw_out, rest = g[0], g[1], g[2], list(g[3:])
+    db_in = rest.pop(0) if ctx.has_b[0] else None
+    db_out = rest.pop(0) if ctx.has_b[1] else None
+    return dz, dw_in, db_in, dw_out, db_out, None, None
+
+
+static_gen_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def static_gen(z, w_in, b_in, w_out, b_out, plan: TilePlan) -> List[torch.Tensor]:
-    """Backend entry point: the layers' weights, views of one flat buffer written by one launch."""
+    """Backend entry point: the layers' weights, views of one flat buffer written by one launch
+    (the custom op ``hyperkern::static_gen_triton``, its backward the fused deterministic kernels)."""
     check_supported(z, w_in.shape[1])
     z, w_in, w_out = z.contiguous(), w_in.contiguous(), w_out.contiguous()
     b_in = b_in.contiguous() if b_in is not None else None
     b_out = b_out.contiguous() if b_out is not None else None
-    with torch.cuda.device_of(z):  # launch on the inputs' GPU (a no-op for CPU tensors)
-        flat = StaticGenFunction.apply(z, w_in, b_in, w_out, b_out, plan)
+    layers = [n for shape in plan.layer_shapes for n in shape] if plan.layer_shapes is not None else []
+    flat = torch.ops.hyperkern.static_gen_triton(z, w_in, b_in, w_out, b_out, plan.kernel_size, layers)
     return plan.layer_views(flat)

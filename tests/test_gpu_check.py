@@ -1,0 +1,160 @@
+"""``python -m hyperkern gpu-check``: its dry run (the same code at tiny sizes on CPU under Triton's
+interpreter) passes end to end, covers what the issue lists, and fails on a planted bug.
+
+On a GPU the command runs the CUDA-only sections too; they are skipped here, each with its reason
+in the JSON (the reasoning for why they pass on a GPU: the graph section captures exactly what
+tests/test_triton_forward.py::test_time_loop_captures_in_a_cuda_graph does, the 2^31 section
+reuses the launchers whose in-kernel offsets are int64 or host-side pointers, the timing section
+only measures).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hyperkern import gpu_check
+from hyperkern.ops import hyper_lstm as lstm_op
+from hyperkern.ops.hyper_lstm import naive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU path (on a GPU: run it)")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """One dry run from the command line, as CI runs it (no TRITON_INTERPRET in the environment:
+    the command sets it)."""
+    out = tmp_path_factory.mktemp("gpu-check")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "hyperkern", "gpu-check", "--dry-run", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return res, json.loads((out / "gpu-check.json").read_text())
+
+
+def test_dry_run_passes_and_writes_every_section(dry_run):
+    res, result = dry_run
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert list(result["sections"]) == list(gpu_check.SECTIONS)
+    for name, sec in result["sections"].items():
+        if name in gpu_check.CUDA_ONLY:
+            assert sec["skipped"] == f"dry run on CPU: {gpu_check.CUDA_ONLY[name]}"
+        else:
+            assert sec["skipped"] is None and sec["rows"] and sec["failed"] == 0 and not sec["not_run"], name
+    assert result["failed"] == 0 and result["dry_run"] is True
+    last = res.stdout.strip().splitlines()
+    assert "PASS" in next(line for line in last if line.startswith("gpu-check"))
+    assert last[-1].startswith("wrote ")
+
+
+def test_dry_run_covers_every_kind_of_case(dry_run):
+    _, result = dry_run
+    rows = result["sections"]["correctness"]["rows"]
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"lstm", "lstm_guarded", "static"}
+    lstm = [r for r in rows if r["kind"] == "lstm"]
+    assert len({r["name"] for r in lstm}) >= 30
+    assert {(r["dtype"], r["dot"]) for r in rows} == set(gpu_check.dot_modes(True))
+    assert all(r["ok"] for r in rows)
+    assert {r["name"] for r in result["sections"]["compile"]["rows"]} == {
+        "HyperLSTM under torch.compile(inductor, fullgraph=True), forward and backward",
+        "static generation under torch.compile(inductor, fullgraph=True), forward and backward"}
+
+
+def test_random_shapes_cover_the_issue_list():
+    from hyperkern.ops.hyper_lstm.fused_triton import configs
+
+    cfgs = gpu_check.lstm_configs()
+    assert len(cfgs) >= 30
+    assert {c.E for c in cfgs} == set(range(1, 9))
+    edges = {b for b in configs.batch_edges()[:-1]}
+    assert edges | {e + 1 for e in edges} <= {c.B for c in cfgs}
+    assert any(c.X == 1 for c in cfgs)
+    assert {c.layer_norm for c in cfgs} == {True, False}
+    assert any(c.lengths for c in cfgs) and any(c.recurrent_dropout > 0 for c in cfgs)
+    assert any(c.layers == 2 and c.bidirectional for c in cfgs)
+    assert all(c.H % 2 == 1 and c.Hh % 2 == 1 for c in cfgs)  # odd: nothing is a multiple of a block
+    from hyperkern.ops.precision import MAX_REDUCTION, MAX_STEPS
+
+    assert all(c.T <= MAX_STEPS and 4 * c.H <= MAX_REDUCTION for c in cfgs)  # inside the tolerance table's domain
+    assert gpu_check.dot_modes(False) == [("fp32", "tf32"), ("fp32", "ieee"), ("fp16", "fp16"), ("bf16", "bf16")]
+
+
+def test_a_planted_hyper_lstm_bug_fails_the_check(monkeypatch, tmp_path):
+    """The reference with the forget bias ignored, handed out as the Triton backend: FAIL rows and
+    a non-zero exit status."""
+    from dataclasses import replace
+
+    real = lstm_op.get_backend
+
+    def wrong(x, state, params, cfg, lengths=None, masks=None):
+        return naive.hyper_lstm_sequence(x, state, params, replace(cfg, forget_bias=cfg.forget_bias + 0.1),
+                                         lengths, masks)
+
+    monkeypatch.setattr(lstm_op, "get_backend", lambda name: wrong if name == "triton" else real(name))
+    result = gpu_check.run(str(tmp_path), dry_run=True, sections=["correctness"], workers=1, max_cases=3)
+    rows = result["sections"]["correctness"]["rows"]
+    assert result["failed"] > 0 and any(not r["ok"] and r["kind"] == "lstm" for r in rows)
+    assert json.loads((tmp_path / "gpu-check.json").read_text())["failed"] == result["failed"]
+
+
+def test_a_planted_static_bug_fails_the_check(monkeypatch, tmp_path):
+    """The fused kernel's output with one element changed: the static rows FAIL."""
+    from hyperkern.ops.static_gen import fused_triton
+
+    real = fused_triton.forward_flat
+
+    def off_by_one_element(*args, **kwargs):
+        flat = real(*args, **kwargs)
+        flat[-1] += 1.0
+        return flat
+
+    monkeypatch.setattr(fused_triton, "forward_flat", off_by_one_element)
+    specs = [s for s in gpu_check.case_specs(True) if s["kind"] == "static"][:2]
+    rows = [gpu_check.run_case(s) for s in specs]
+    assert all(not r["ok"] for r in rows), rows
+
+
+def test_case_errors_are_rows_not_crashes():
+    row = gpu_check.run_case(dict(kind="static", shape=dict(name="bad"), dtype="fp32", dot="exact", seed=0))
+    assert row["ok"] is False and "KeyError" in row["note"] and row["name"] == "bad"
+
+
+def test_needs_cuda_or_dry_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "hyperkern", "gpu-check", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--dry-run" in res.stderr
+
+
+def test_summary_prints_the_timing_table():
+    row = dict(shape="PTB (paper)", dtype="fp32", fwd_eager_us=30.0, fwd_graph_us=15.0, pred_fwd_graph_us=14.0,
+               fwd_graph_over_pred=15 / 14, fwdbwd_eager_us=90.0, fwdbwd_graph_us=60.0, pred_fwdbwd_graph_us=58.0,
+               fwdbwd_graph_over_pred=60 / 58, lstm_fwd_us=3.0, lstm_fwdbwd_us=9.0, ok=True)
+    result = {"environment": {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6.0"}, "dry_run": False,
+              "seconds": 300, "failed": 0,
+              "sections": {"timing": {"rows": [row], "not_run": [], "budget_s": 70, "seconds": 20, "skipped": None}}}
+    text = gpu_check.format_summary(result)
+    assert "NVIDIA H200" in text and "PASS" in text and "PTB (paper)" in text and " 1.07 " in text
+
+
+def test_seed_tape_replays_the_models_draws_on_another_device():
+    """verify's seed tape: the seeds a model draws (on its device) are replayed, in order, to the
+    reference on another device (gpu-check's CPU reference for a CUDA model)."""
+    from hyperkern.ops.hyper_lstm.dropout import DropoutSeed
+    from hyperkern.verify import _SeedTape
+
+    tape = _SeedTape()
+    with tape.record():
+        drawn = [DropoutSeed.draw(0.3, "cpu").seed for _ in range(3)]
+    with tape.replay():
+        again = [DropoutSeed.draw(0.3, "cpu").seed for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(drawn, again))
+    assert len({int(s) for s in drawn}) == 3
+    fresh = DropoutSeed.draw(0.3, "cpu").seed  # the real draw is back
+    assert not any(torch.equal(fresh, s) for s in drawn)
