@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hyperkern-installed
 PYTEST_ARGS ?=
 
-.PHONY: test bench bench-suite verify info compile-check clean venv
+.PHONY: test bench bench-suite verify info compile-check gpu-check clean venv
 
 venv: $(STAMP)
 
@@ -31,10 +31,15 @@ info: $(STAMP)
 	$(PY) -m hyperkern info
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks bench-results
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks bench-results gpu-results
 
 bench-suite: $(STAMP)
 	$(PY) -m pytest benchmarks $(PYTEST_ARGS)
 
 compile-check: $(STAMP)
 	$(PY) -m hyperkern compile-check
+
+# On a lent GPU: a plain checkout on a machine that has torch and Triton already (no venv, no
+# install step, no network). Uses .venv's Python when there is one, else $(PYTHON).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m hyperkern gpu-check --out gpu-results

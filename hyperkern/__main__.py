@@ -11,26 +11,27 @@ def _info(args) -> int:
     import torch
 
     import hyperkern
-    from hyperkern.ops.hyper_lstm import available_backends
+    from hyperkern.kernels.common import interpret_requested
+    from hyperkern.ops import hyper_lstm, precision, static_gen
+    from hyperkern.ops.registry import TRITON_VERSION
 
     print(f"hyperkern {hyperkern.__version__}")
     print(f"python    {platform.python_version()} ({platform.machine()})")
     print(f"torch     {torch.__version__} (threads: {torch.get_num_threads()})")
-    try:
-        import triton
-
-        print(f"triton    {triton.__version__}")
-    except Exception as e:  # noqa: BLE001
-        print(f"triton    not importable ({type(e).__name__}: {e})")
+    print(f"triton    {TRITON_VERSION or 'not installed'}"
+          + (" (TRITON_INTERPRET=1: kernels run in the interpreter on CPU tensors)" if interpret_requested() else ""))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             print(f"device    cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB)")
     else:
         print("device    cpu only (no CUDA device visible)")
-    print("backends:")
-    for name, (ok, why) in available_backends().items():
-        print(f"  {name:10s} {'yes' if ok else 'no '}  {why}")
+    print(f"fp32 dots on CUDA: {precision.dot_precision(torch.float32)} (torch.backends.cuda.matmul TF32 flag; "
+          "hyperkern.ops.precision)")
+    for op_name, op in (("HyperLSTM", hyper_lstm), ("static generation", static_gen)):
+        print(f"{op_name} backends (auto: first usable of {', '.join(op.REGISTRY.auto_order)}):")
+        for name, (ok, why) in op.available_backends().items():
+            print(f"  {name:10s} {'yes' if ok else 'no '}  {why}")
     return 0
 
 
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     p_bench.add_argument("--out", default="bench-results", help="folder for the JSON (and plot)")
     p_bench.add_argument("--quick", action="store_true", help="fewer steps and repeats (smoke run)")
     p_bench.add_argument("--case", action="append", help="only these cases (repeatable)")
+    p_bench.add_argument("--gpu-check", metavar="JSON", help="a gpu-check.json whose measured µs per step the "
+                         "report shows beside the modelled ones")
     sub.add_parser("compile-check", add_help=False,
                    help="compile every Triton kernel for sm_80/sm_90 (no GPU needed); --help for its options")
     sub.add_parser("gpu-check", add_help=False,
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     if args.command == "bench":
         from hyperkern.bench import main as bench_main
 
-        return bench_main(out=args.out, quick=args.quick, cases=args.case)
+        return bench_main(out=args.out, quick=args.quick, cases=args.case, gpu_check=args.gpu_check)
     if args.command == "compile-check":
         from hyperkern.compile_check import main as cc_main
 

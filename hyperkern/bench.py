@@ -87,7 +87,7 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device="c
 
 
 def run_case(case: Case, backends=("torch",), repeats: int = 5, device="cpu") -> List[dict]:
-    lstm, hyper, x = make_models(case, device=device)
+    lstm, hyper, x = make_models(case, backend=backends[0], device=device)
     rows = []
     modes = [("forward", forward_fn)] + ([("forward+backward", forward_backward_fn)] if case.target_fwdbwd else [])
     for mode, make in modes:
@@ -148,7 +148,17 @@ def format_rows(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(out: str = "bench-results", quick: bool = False, cases=None) -> int:
+def timed_backends(device) -> tuple:
+    """The HyperLSTM backends ``bench`` times on ``device``: the Triton kernels beside the torch
+    path on CUDA (when the registry says they run there), the torch path alone otherwise."""
+    from hyperkern.ops.hyper_lstm import backend_status
+
+    if torch.device(device).type == "cuda" and backend_status("triton", device, torch.float32)[0]:
+        return ("triton", "torch")
+    return ("torch",)
+
+
+def main(out: str = "bench-results", quick: bool = False, cases=None, gpu_check: Optional[str] = None) -> int:
     threads = int(os.environ.get("HYPERKERN_BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
     machine = machine_description()
@@ -158,9 +168,14 @@ def main(out: str = "bench-results", quick: bool = False, cases=None) -> int:
     selected = [c for c in CASES if not cases or c.name in cases]
     if quick:
         selected = [Case(c.name, c.X, c.H, c.Hh, c.E, c.B, 10, c.target_fwd, c.target_fwdbwd) for c in selected]
+    backends = timed_backends(device)
+    if "triton" in backends:
+        from hyperkern.ops.precision import dot_precision
+
+        print(f"HyperLSTM[triton] fp32 dots: {dot_precision(torch.float32)} (hyperkern.ops.precision)")
     rows = []
     for case in selected:
-        rows += run_case(case, repeats=3 if quick else 7, device=device)
+        rows += run_case(case, backends=backends, repeats=3 if quick else 7, device=device)
     print(format_rows(rows))
     result = {"machine": machine, "device": device, "measured": rows}
     from hyperkern import perf_model  # pure Python: never imports Triton
@@ -171,6 +186,10 @@ def main(out: str = "bench-results", quick: bool = False, cases=None) -> int:
     print()
     result["gpu_model_backward"] = perf_model.rows_bwd()
     print(perf_model.format_table_bwd(result["gpu_model_backward"]))
+    if gpu_check:
+        from hyperkern import report
+
+        print("\n" + report.merge_gpu_check(result, gpu_check))
     from hyperkern.ops.static_gen import bench_rows, format_bench_rows
 
     print("\nStatic hypernetwork: every 3x3 kernel of WRN-40-1 (242 tiles), one generation, fp32")

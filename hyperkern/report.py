@@ -254,8 +254,10 @@ def _plot_static(ax, rows: List[Dict], section, where: str) -> None:
 
 
 def _plot_gpu_model(ax, fwd_rows: List[Dict], bwd_rows: List[Dict], gpu: Optional[str]) -> None:
-    """Grouped bars per (shape, dtype): modelled forward / backward µs per step (hatched), and the
-    measured figures where the JSON has them (a run on a GPU)."""
+    """Grouped bars per (shape, dtype): the modelled µs per step (hatched; CUDA-graph launches) and,
+    where the JSON has them, the measured ones: graph-replayed (``measured_graph_us``, from a
+    gpu-check.json) and host-launched (``measured_eager_us``, or ``measured_us`` timed by ``bench``
+    itself on a GPU)."""
     keys: List[Tuple[str, str]] = []
     for r in list(fwd_rows) + list(bwd_rows):
         k = (str(r.get("shape", "?")), str(r.get("dtype", "")))
@@ -263,20 +265,18 @@ def _plot_gpu_model(ax, fwd_rows: List[Dict], bwd_rows: List[Dict], gpu: Optiona
             keys.append(k)
     by_fwd = {(str(r.get("shape", "?")), str(r.get("dtype", ""))): r for r in fwd_rows}
     by_bwd = {(str(r.get("shape", "?")), str(r.get("dtype", ""))): r for r in bwd_rows}
-    series = []  # (label, values, style)
-    pred_f = [by_fwd.get(k, {}).get("pred_us_host", by_fwd.get(k, {}).get("pred_us_graph")) for k in keys]
-    pred_b = [by_bwd.get(k, {}).get("pred_us_step") for k in keys]
-    meas_f = [by_fwd.get(k, {}).get("measured_us") for k in keys]
-    meas_b = [by_bwd.get(k, {}).get("measured_us") for k in keys]
+    col = lambda by, *names: [next((by.get(k, {}).get(n) for n in names if by.get(k, {}).get(n) is not None), None)  # noqa: E731
+                              for k in keys]
     where = f"measured on {gpu}" if gpu else "measured on this GPU"
-    if any(v is not None for v in pred_f):
-        series.append(("forward, modelled (H100 SXM)", pred_f, dict(color="white", edgecolor="tab:blue", hatch="//")))
-    if any(v is not None for v in meas_f):
-        series.append((f"forward, {where}", meas_f, dict(color="tab:blue", edgecolor="black")))
-    if any(v is not None for v in pred_b):
-        series.append(("backward, modelled (H100 SXM)", pred_b, dict(color="white", edgecolor="tab:red", hatch="\\\\")))
-    if any(v is not None for v in meas_b):
-        series.append((f"backward, {where}", meas_b, dict(color="tab:red", edgecolor="black")))
+    series = [  # (label, values, style)
+        ("forward, modelled (H100 SXM)", col(by_fwd, "pred_us_graph"), dict(color="white", edgecolor="tab:blue", hatch="//")),
+        (f"forward, {where}, graph-replayed", col(by_fwd, "measured_graph_us"), dict(color="tab:blue", edgecolor="black")),
+        (f"forward, {where}, host launches", col(by_fwd, "measured_eager_us", "measured_us"),
+         dict(color="lightsteelblue", edgecolor="black")),
+        ("backward, modelled (H100 SXM)", col(by_bwd, "pred_us_step"), dict(color="white", edgecolor="tab:red", hatch="\\\\")),
+        (f"backward, {where}, graph-replayed", col(by_bwd, "measured_graph_us"), dict(color="tab:red", edgecolor="black")),
+    ]
+    series = [sr for sr in series if any(v is not None for v in sr[1])]
     n = max(len(series), 1)
     w = 0.8 / n
     xs = list(range(len(keys)))
@@ -286,11 +286,38 @@ def _plot_gpu_model(ax, fwd_rows: List[Dict], bwd_rows: List[Dict], gpu: Optiona
     ax.set_xticks(xs)
     ax.set_xticklabels(["\n".join(textwrap.wrap(k[0], 12)) + f"\n{k[1]}" for k in keys], fontsize=7)
     ax.set_ylabel("µs per timestep (one cell)")
-    measured_any = any(v is not None for v in meas_f + meas_b)
+    measured_any = any("measured" in label for label, _, _ in series)
     ax.set_title("HyperLSTM Triton kernels per timestep\n" + (f"modelled H100 SXM (hatched) vs {where}" if measured_any
                  else "modelled for an H100 SXM — not measured (no GPU here)"), fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
+
+
+def merge_gpu_check(result: Dict, gpu_check_json: str) -> str:
+    """Attach the measured µs per step of a ``gpu-check.json`` to the bench result's modelled GPU
+    rows (same shape and dtype): forward = the CUDA-graph-replayed forward (the model's "graph"
+    launches), backward = graph-replayed forward+backward minus forward; the eager (host-launched)
+    figures ride along. Returns a line saying what was attached."""
+    with open(gpu_check_json) as f:
+        gc = json.load(f)
+    env = gc.get("environment", {})
+    timing = {(r["shape"], r["dtype"]): r for r in (gc.get("sections", {}).get("timing", {}).get("rows") or [])
+              if "fwd_graph_us" in r}
+    n = 0
+    for rows, key in ((result.get("gpu_model") or [], "fwd"), (result.get("gpu_model_backward") or [], "bwd")):
+        for r in rows:
+            t = timing.get((r.get("shape"), r.get("dtype")))
+            if t is None:
+                continue
+            if key == "fwd":
+                r["measured_graph_us"], r["measured_eager_us"] = t["fwd_graph_us"], t["fwd_eager_us"]
+            else:
+                r["measured_graph_us"] = t["fwdbwd_graph_us"] - t["fwd_graph_us"]
+            r["measured_steps"] = t.get("T")
+            n += 1
+    result["gpu_measured_on"] = f"{env.get('gpu')} ({env.get('date', '?')}, torch {env.get('torch')}, " \
+                                f"triton {env.get('triton')})"
+    return f"attached {n} measured GPU rows from {gpu_check_json}: {result['gpu_measured_on']}"
 
 
 def build_figure(result: Dict, source: str = "this JSON"):
@@ -324,7 +351,8 @@ def build_figure(result: Dict, source: str = "this JSON"):
         elif kind == "static":
             _plot_static(ax, static_rows, result.get("static"), where)
         elif kind == "gpu":
-            _plot_gpu_model(ax, gpu_rows, gpu_bwd_rows, (result.get("machine") or {}).get("gpu"))
+            _plot_gpu_model(ax, gpu_rows, gpu_bwd_rows,
+                            result.get("gpu_measured_on") or (result.get("machine") or {}).get("gpu"))
         else:
             ax.text(0.5, 0.5, f"{source}\nhas no sweep, static or gpu_model section",
                     ha="center", va="center", transform=ax.transAxes)

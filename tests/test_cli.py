@@ -30,9 +30,11 @@ def test_cli_info():
     r = _cli("info")
     assert r.returncode == 0, r.stderr
     assert "hyperkern" in r.stdout and "torch" in r.stdout
-    assert "backends:" in r.stdout
+    assert "HyperLSTM backends (auto: first usable of triton, torch):" in r.stdout
+    assert "static generation backends (auto: first usable of triton, torch):" in r.stdout
+    assert "fp32 dots on CUDA: ieee" in r.stdout  # PyTorch's default matmul flag: full-precision fp32
     for name in op.BACKENDS:
-        assert name in r.stdout
+        assert f"  {name} " in r.stdout
 
 
 def test_cli_verify_torch_backend_passes_and_prints_table():

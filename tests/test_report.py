@@ -141,3 +141,32 @@ def test_quick_settings_are_valid_sweep_arguments():
 
     inspect.signature(report.sweep).bind(**report.QUICK)
     assert report.QUICK["T_fixed"] in report.QUICK["T_values"] and report.QUICK["H_fixed"] in report.QUICK["H_values"]
+
+
+def test_gpu_check_measurements_are_plotted_beside_the_model(tmp_path):
+    """bench --gpu-check: a gpu-check.json's measured µs per step join the modelled rows of the
+    same shape and dtype, and the GPU panel shows them (graph-replayed and host-launched)."""
+    pytest.importorskip("matplotlib")
+    from hyperkern import perf_model
+
+    result = {"gpu_model": perf_model.rows(measure_on_gpu=False), "gpu_model_backward": perf_model.rows_bwd()}
+    s = perf_model.SHAPES[0]
+    timing = {"shape": s.name, "dtype": "fp32", "T": 64, "fwd_eager_us": 31.0, "fwd_graph_us": 16.5,
+              "fwdbwd_eager_us": 95.0, "fwdbwd_graph_us": 61.5}
+    gc = {"environment": {"gpu": "NVIDIA H200", "date": "2026-12-03", "torch": "2.11.0", "triton": "3.6.0"},
+          "sections": {"timing": {"rows": [timing]}}}
+    path = tmp_path / "gpu-check.json"
+    path.write_text(json.dumps(gc))
+    line = report.merge_gpu_check(result, str(path))
+    assert line.startswith("attached 2 measured GPU rows") and "NVIDIA H200" in line
+    fwd = next(r for r in result["gpu_model"] if r["shape"] == s.name and r["dtype"] == "fp32")
+    bwd = next(r for r in result["gpu_model_backward"] if r["shape"] == s.name and r["dtype"] == "fp32")
+    assert fwd["measured_graph_us"] == 16.5 and fwd["measured_eager_us"] == 31.0 and bwd["measured_graph_us"] == 45.0
+    fig = report.build_figure(result)
+    title = _titles(fig)[0]
+    assert "measured on NVIDIA H200 (2026-12-03" in title and "modelled H100 SXM (hatched)" in title
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["forward, modelled (H100 SXM)", "forward, measured on NVIDIA H200 (2026-12-03, torch 2.11.0, "
+                      "triton 3.6.0), graph-replayed", "forward, measured on NVIDIA H200 (2026-12-03, torch 2.11.0, "
+                      "triton 3.6.0), host launches", "backward, modelled (H100 SXM)",
+                      "backward, measured on NVIDIA H200 (2026-12-03, torch 2.11.0, triton 3.6.0), graph-replayed"]

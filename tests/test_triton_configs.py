@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from conftest import cell_params, count_launches, sequence_inputs
+from conftest import cell_params, count_launches, masks_to, sequence_inputs
 
 triton = pytest.importorskip("triton")
 
@@ -113,8 +113,8 @@ def _captured_keys(monkeypatch, kernels):
     return keys
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="captures interpreter launches on CPU")
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("layer_norm, dropout", [(True, "seeded"), (False, None)])
 def test_real_launches_are_compiled_configurations(compiled, monkeypatch, layer_norm, dropout):
     """A training step through the launcher and a static generation: every launch (keyword
@@ -129,13 +129,16 @@ def test_real_launches_are_compiled_configurations(compiled, monkeypatch, layer_
                                         kb.hyper_lstm_cell_bwd_kernel, kb.hyper_lstm_gates_bwd_kernel,
                                         ks.static_gen_fwd_kernel, ks.static_gen_bwd_rows_kernel,
                                         ks.static_gen_bwd_weights_kernel))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = CellConfig(input_size=3, hidden_size=9, hyper_size=5, embed_size=3, layer_norm=layer_norm)
     x, st, masks = sequence_inputs(cfg, 2, 2, 5, dropout=0.3 if dropout else 0.0, seeded=True)
-    p = {n: v.float().requires_grad_() for n, v in cell_params(cfg, 6).items()}
-    out, fin = fused_triton.hyper_lstm_sequence(x.float(), tuple(s.float() for s in st), p, cfg, None, masks)
+    masks = masks_to(masks, dev, torch.float32)
+    p = {n: v.to(dev, torch.float32).requires_grad_() for n, v in cell_params(cfg, 6).items()}
+    out, fin = fused_triton.hyper_lstm_sequence(x.to(dev, torch.float32), tuple(s.to(dev, torch.float32) for s in st),
+                                                p, cfg, None, masks)
     torch.autograd.grad(out.sum() + fin[1].sum(), list(p.values()))
     g = torch.Generator().manual_seed(7)
-    z, w_in, w_out = (torch.randn(*s, generator=g).requires_grad_() for s in ((2, 3), (2, 5, 3), (4 * 4, 5)))
+    z, w_in, w_out = (torch.randn(*s, generator=g).to(dev).requires_grad_() for s in ((2, 3), (2, 5, 3), (4 * 4, 5)))
     static_kernel_gen(z, w_in, None, w_out, None, kernel_size=2, backend="triton").sum().backward()
     assert len(keys) == 2 * 2 + 2 * 2 + 3
     missing = [k for k in keys if k not in compiled]
@@ -150,9 +153,11 @@ def test_launch_counter_sees_keyword_launches(monkeypatch):
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     counts = count_launches(monkeypatch, (kf.hyper_lstm_gates_kernel, kf.hyper_lstm_cell_kernel))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = CellConfig(input_size=2, hidden_size=5, hyper_size=3, embed_size=1)
     x, st, _ = sequence_inputs(cfg, 3, 1, 8)
+    f32 = lambda t: t.to(dev, torch.float32)  # noqa: E731
     with torch.no_grad():
-        fused_triton.hyper_lstm_sequence(x.float(), tuple(s.float() for s in st),
-                                         {n: v.float() for n, v in cell_params(cfg, 9).items()}, cfg)
+        fused_triton.hyper_lstm_sequence(f32(x), tuple(map(f32, st)), {n: f32(v) for n, v in cell_params(cfg, 9).items()},
+                                         cfg)
     assert counts == ["hyper_lstm_gates_kernel", "hyper_lstm_cell_kernel"] * 3

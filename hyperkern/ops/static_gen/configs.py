@@ -52,8 +52,10 @@ def launch(kernel: str, d: int, dtype: str, dot: str, has_b_in: bool, has_b_out:
         absent += [] if has_b_out else ["b_out_ptr"]
     cx += [("BLOCK_E", BLOCK_E), ("BLOCK_Z", BLOCK_Z), ("BLOCK_D", bd), ("BLOCK_N", BLOCK_N),
            ("DOT_PREC", triton_input_precision(dot)), ("ACC", tl.float64 if dtype == "fp64" else tl.float32)]
-    return Launch(kernel, MODULE, dtype, tuple(cx), num_warps=4 if bd <= 64 else 8, num_stages=NUM_STAGES,
-                  absent=tuple(absent))
+    # 8 warps for the widest hidden vectors, and for fp64 from d = 64 on (4 warps spill 4-8 B on
+    # sm_90a with Triton 3.6: fp64 doubles the registers of the A tile)
+    warps = 8 if bd > 64 or (dtype == "fp64" and bd >= 64) else 4
+    return Launch(kernel, MODULE, dtype, tuple(cx), num_warps=warps, num_stages=NUM_STAGES, absent=tuple(absent))
 
 
 def all_launches() -> List[Launch]:
