@@ -213,7 +213,7 @@ def hyper_lstm_cell_bwd_kernel(
     BZ: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BMC + tl.arange(0, BMC)
+    rows = (pid * BMC + tl.arange(0, BMC)).to(tl.int64)  # int64 row offsets (see the forward kernels)
     row_ok = rows < B
     rows3 = rows[:, None, None]
     row_ok3 = row_ok[:, None, None]
@@ -334,7 +334,7 @@ def hyper_lstm_gates_bwd_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < B
     lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     dead = (t >= lens)[:, None]

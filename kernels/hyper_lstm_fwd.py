@@ -146,7 +146,7 @@ def hyper_lstm_gates_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
+    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # int64: row x stride offsets may pass 2^31
     row_ok = rows < B
     n = tl.arange(0, 4 * BH)
     gate = n // BH  # columns are gate-interleaved: [i-block | f-block | g-block | o-block]
@@ -155,7 +155,7 @@ def hyper_lstm_gates_kernel(
     if pid_n < n_main:
         j = pid_n * BH + jj
         col_ok = j < H
-        wrow = gate * H + j
+        wrow = (gate * H + j).to(tl.int64)  # weight row x stride: 4H·H may pass 2^31
         acc = _tile_matmul(acc, h_ptr, stride_h, rows, row_ok, w_hh_ptr, stride_whh, wrow, col_ok, H,
                            BK, DOT_PRECISION)
         tl.store(p_ptr + rows[:, None] * stride_p + wrow[None, :], acc,
@@ -163,7 +163,7 @@ def hyper_lstm_gates_kernel(
     else:
         j = (pid_n - n_main) * BH + jj
         col_ok = j < Hh
-        wrow = gate * Hh + j
+        wrow = (gate * Hh + j).to(tl.int64)
         acc = _tile_matmul(acc, h_ptr, stride_h, rows, row_ok, w_hih_ptr, stride_whih, wrow, col_ok, H,
                            BK, DOT_PRECISION)
         acc = _tile_matmul(acc, hh_ptr, stride_hh, rows, row_ok, w_hhh_ptr, stride_whhh, wrow, col_ok, Hh,
@@ -367,7 +367,7 @@ def hyper_lstm_cell_kernel(
     BKZ: tl.constexpr, PIPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BMC + tl.arange(0, BMC)
+    rows = (pid * BMC + tl.arange(0, BMC)).to(tl.int64)  # int64: a caller's output view may have any strides
     row_ok = rows < B
     rows3 = rows[:, None, None]
     row_ok3 = row_ok[:, None, None]

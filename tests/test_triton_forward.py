@@ -321,3 +321,47 @@ def test_perf_model_rows():
         assert r["flops_recurrent_step"] >= 8 * s.B * s.H * s.H
     text = pm.format_table(rs)
     assert "modelled, not measured" in text and "3.35 TB/s" in text and "PTB" in text
+
+
+_OFFSETS_PAST_2_31 = r"""
+import os, sys
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, "tests")
+import torch
+from conftest import cell_params, sequence_inputs
+from hyperkern.ops.hyper_lstm import fused_triton
+from hyperkern.ops.hyper_lstm.common import CellConfig
+
+cfg = CellConfig(input_size=3, hidden_size=5, hyper_size=3, embed_size=2)
+T, B, H = 2, 4, 5
+x, st, _ = sequence_inputs(cfg, T, B, 1)
+x, st = x.float(), tuple(s.float() for s in st)
+p = {n: v.float() for n, v in cell_params(cfg, 2).items()}
+S = (1 << 31) // 3 + 12345  # batch stride: row 3 starts past flat offset 2^31
+def far_view():  # 8.6 GB of address space; only the pages the view touches are ever committed
+    return torch.empty(3 * S + T * H).as_strided((T, B, H), (H, S, 1))
+out = far_view().fill_(float("nan"))
+far, _, fbuf = fused_triton.run_sequence(x, st, p, cfg, out=out, save=True)
+near, _, nbuf = fused_triton.run_sequence(x, st, p, cfg, save=True)
+assert torch.equal(far, near), "forward output at offsets past 2^31"
+d_out = torch.randn(T, B, H, generator=torch.Generator().manual_seed(3))
+d_far = far_view().copy_(d_out)
+g_far = fused_triton.run_backward(x, p, cfg, fbuf.saved, d_far, (None,) * 4)
+g_near = fused_triton.run_backward(x, p, cfg, nbuf.saved, d_out, (None,) * 4)
+assert torch.equal(g_far[0], g_near[0]) and all(torch.equal(g_far[2][n], g_near[2][n]) for n in p), "backward"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="gpu-check's large_offsets section does this on a GPU (device memory is committed)")
+def test_offsets_past_2_31_elements():
+    """A caller's output (and upstream gradient) view whose batch stride puts its last row past flat
+    offset 2^31: the kernels' row x stride products are int64 (int32 wrapped and wrote outside the
+    buffer: a segfault). In a subprocess, so a regression fails this test instead of the suite."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _OFFSETS_PAST_2_31], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (res.returncode, res.stdout, res.stderr[-2000:])
