@@ -198,7 +198,8 @@ def _compile_one(cfg: CompileConfig, arch: int) -> Dict[str, Any]:
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    """``--shard K/N``: compile every N-th job starting at K; one JSON line per job on stdout."""
+    """``--shard K/N``: compile every N-th configuration starting at K (all its architectures);
+    one JSON line per job on stdout."""
     p = argparse.ArgumentParser()
     p.add_argument("--shard", required=True)
     p.add_argument("--filter", action="append")
@@ -208,7 +209,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     k, n = map(int, a.shard.split("/"))
     configs = _all_configs(a.module)
     for idx, (ci, arch) in enumerate(_jobs(configs, a.filter, a.arch)):
-        if idx % n != k:
+        if ci % n != k:  # whole configurations per shard: a shard of one architecture only would run longer
             continue
         row = _compile_one(configs[ci], arch)
         row["index"] = idx

@@ -24,7 +24,7 @@ Kernels
     [n_w, n_w + n_wi)    (i, Nz block): dw_in[i] = sum_e dA[e, i]^T z[e], db_in[i] = sum_e dA[e, i]
     [n_w + n_wi, ...)    (tile group g, Nz block): dz[e] = sum_i dA[e, i] @ w_in[i]
 
-Portability (Triton 3.7-3.9, see TRITON_NOTES): no block pointers, no Python lists, every tl.dot
+Portability (Triton 3.6-3.9, see TRITON_NOTES): no block pointers, no Python lists, every tl.dot
 has M, N, K >= 16 and names its ``out_dtype`` (Triton 3.7 rejects an fp64 accumulator without
 it), low-precision operands are upcast before any elementwise arithmetic, and every sum
 accumulates in the ACC dtype (fp32; fp64 for fp64 inputs).

@@ -333,3 +333,14 @@ def test_triton_rejects_what_it_cannot_run(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             static_kernel_gen(*[t.float() for t in make_inputs(**ODD)], kernel_size=3, backend="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_custom_op_opcheck(bias):
+    """torch.library.opcheck of hyperkern::static_gen_triton: schema, fake implementation (the flat
+    size from the plan's ints), autograd registration and AOT dispatch — with and without biases."""
+    g = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE).requires_grad_()  # noqa: E731
+    args = (r(5, 3), r(5, 6, 3), r(5, 6) if bias else None, r(7 * 9, 6), r(7 * 9) if bias else None, 3, [7, 5, 14, 10])
+    torch.library.opcheck(torch.ops.hyperkern.static_gen_triton.default, args)
