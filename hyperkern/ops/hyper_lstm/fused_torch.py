@@ -309,10 +309,12 @@ def _backward(x: Tensor, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int
     lin_rec_t = Linear(W_rec.t().contiguous(), B, uses=T)
     dh, dc, dhh, dch = (g.clone() if g is not None else x.new_zeros(B, n) for g, n in zip(d_final, (H, H, K, K)))
     d_out = d_out.contiguous() if d_out is not None else None
-    # per-step gradients the post-loop GEMMs consume; rows of finished sequences stay zero
-    DXP = x.new_zeros(T, B, 4 * H + 4 * K)  # d/dXP: [d_x ⊙ da (main) | d a_hat (hyper)]
-    DWH = x.new_zeros(T, B, 4 * H)  # d/d(h_{t-1} W_hh^T) = d_h ⊙ da
-    DZ = x.new_zeros(T, B, 12 * E)
+    # per-step gradients the post-loop GEMMs consume (the loop writes every row alive; rows of
+    # finished sequences must be zero)
+    new = x.new_zeros if counts[-1] < B else x.new_empty
+    DXP = new(T, B, 4 * H + 4 * K)  # d/dXP: [d_x ⊙ da (main) | d a_hat (hyper)]
+    DWH = new(T, B, 4 * H)  # d/d(h_{t-1} W_hh^T) = d_h ⊙ da
+    DZ = new(T, B, 12 * E)
     acc_dt = _acc_dtype(x.dtype)
     acc = [torch.zeros(4 * H, dtype=acc_dt, device=x.device), torch.zeros(12, E, H, dtype=acc_dt, device=x.device)]
     if cfg.layer_norm:

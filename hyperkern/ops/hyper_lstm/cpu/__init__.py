@@ -45,7 +45,9 @@ def _build_args() -> Tuple[str, list]:
     flags, macro = _ISA_FLAGS.get(isa(), ([], None))
     # no implicit FMA contraction: a - b·c must round b·c as written (an LN over one feature then
     # gives exactly 0, as the reference does, and the two loops agree with the eager one)
-    cflags = ["-O3", "-ffp-contract=off", *flags] + ([f"-D{macro}"] if macro else [])
+    # -fopenmp: at::parallel_for is a header template, parallel only where OpenMP is on (torch's
+    # own libgomp serves it at run time)
+    cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *flags] + ([f"-D{macro}"] if macro else [])
     return f"hyperkern_hyper_lstm_cpu_{isa().lower()}", cflags
 
 
@@ -65,7 +67,8 @@ def load():
         lib = build_dir / f"{name}.so"
         before = lib.stat().st_mtime if lib.exists() else None
         t0 = time.perf_counter()
-        module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, verbose=False)
+        module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
+                                    extra_ldflags=["-fopenmp"], verbose=False)
         if not lib.exists() or lib.stat().st_mtime != before:
             print(f"hyperkern: built the C++ CPU time loop ({isa()}) in {time.perf_counter() - t0:.0f} s, "
                   f"cached in {build_dir}", file=sys.stderr)
