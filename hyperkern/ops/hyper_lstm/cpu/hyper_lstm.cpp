@@ -302,7 +302,7 @@ void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
   const int64_t NX = XP.size(2), NS = HS.size(2);
   Tensor gh_buf = at::empty({B, 4 * K}, XP.options()), wh_buf = at::empty({B, 4 * H}, XP.options());
   // h_t once more, contiguous: the main GEMM's operand (HS's rows are [h | ĥ])
-  Tensor h_buf = HS[0].narrow(1, 0, H).contiguous();
+  Tensor h_buf = HS[0].narrow(1, 0, H).clone(at::MemoryFormat::Contiguous);  // (never a view of HS)
   T* hb = h_buf.data_ptr<T>();
   const T *bias_p = bias.data_ptr<T>(), *zw = z_w.data_ptr<T>(), *zb = z_b.data_ptr<T>(), *dw = dwT.data_ptr<T>();
   const T *mm_p = ptr_or_null<T>(m_main), *mh_p = ptr_or_null<T>(m_hyper);
