@@ -162,7 +162,10 @@ def main(out: str = "bench-results", quick: bool = False, cases=None) -> int:
     for case in selected:
         rows += run_case(case, repeats=3 if quick else 7, device=device)
     print(format_rows(rows))
-    result = {"machine": machine, "device": device, "measured": rows}
+    from hyperkern.ops.hyper_lstm.cpu import gemm
+
+    print(gemm.format_choices())
+    result = {"machine": machine, "device": device, "measured": rows, "gemm_choices": gemm.choices()}
     from hyperkern import perf_model  # pure Python: never imports Triton
 
     print()
