@@ -46,6 +46,7 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward.default  # grad * y * (1 - y
 _tanh_backward = torch.ops.aten.tanh_backward.default  # grad * (1 - y²), one op
 _tanh_backward_out = torch.ops.aten.tanh_backward.grad_input
 
+XP_CHUNK = 16  # steps per input-projection GEMM in inference (see _forward)
 N_STATS = 10  # LN statistics kept per row and step: per-gate mean[4], rstd[4], LN(c) mean, rstd
 SAVED_NAMES = ("XP", "HS", "C", "CH", "A", "AH", "WH", "Z", "S")
 """What the forward keeps for the backward, each ``[T(+1), B, ·]``: the x-projections, the states
@@ -206,15 +207,15 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
     """[out, h, c, ĥ, ĉ] + (with ``save``) the :data:`SAVED_NAMES` tensors."""
     T, B, X = x.shape
     H, K, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
-    # hoisted input projection of every step, for both cells (hyper bias folded in)
+    N = 4 * H + 4 * K
     W_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]])  # [4H+4K, X]
     xp_bias = torch.cat([p["bias"].new_zeros(4 * H), p["hyper_bias"]])
-    XP = torch.addmm(xp_bias, x.reshape(T * B, X), W_x.t()).view(T, B, 4 * H + 4 * K)
     # the hyper cell's two recurrent matmuls as one, over [h_{t-1} | h_hat_{t-1}]
     W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
     lin_hh, lin_rec = Linear(p["weight_hh"], B, uses=T), Linear(W_rec, B, uses=T)
     z_b = torch.cat([p["z_bias"], p["z_bias"].new_zeros(4 * E)])
     dwT = p["d_weight"].transpose(1, 2).contiguous()  # [12, E, H]
+    z_wT = p["z_weight"].t().contiguous()  # [Hh, 12E]
     main, hyper = _cells(cfg, p, x)
 
     HS = x.new_empty(T + 1, B, H + K)  # [h_t | h_hat_t], the matmul operand of every step
@@ -228,13 +229,24 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
     S = new(steps, 2, B, N_STATS if cfg.layer_norm else 0).expand(T, -1, -1, -1)
     SH = S[:, 1]
     ext = _loop_impl(x)
-    if ext is not None:
-        ext.forward_loop(XP, HS, C, CH, A, AH, WH, Z, S[:, 0], SH, lin_hh.arg(), lin_rec.arg(), p["bias"].contiguous(),
-                         p["z_weight"].contiguous(), z_b, dwT, _cell_args(main), _cell_args(hyper), m_main, m_hyper,
-                         counts, cfg.layer_norm, cfg.ln_eps, save)
-    else:
-        _eager_forward_loop(XP, HS, C, CH, A, AH, WH, Z, S[:, 0], SH, lin_hh, lin_rec, p["bias"], p["z_weight"], z_b, dwT,
-                            main, hyper, m_main, m_hyper, counts, save)
+    # The hoisted input projection of both cells (hyper bias folded in), one GEMM over many steps:
+    # all T when training (the backward reads XP), else XP_CHUNK steps at a time into one reused
+    # buffer (first touching a fresh [T, B, 4H+4Hh] buffer costs more than the GEMM; see
+    # docs/cpu_backend.md). The loop runs chunk by chunk over views of the same buffers.
+    chunk = T if save else min(T, XP_CHUNK)
+    xp_buf = x.new_empty(chunk * B, N)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        XP = torch.addmm(xp_bias, x[t0:t1].reshape(-1, X), W_x.t(), out=xp_buf[:(t1 - t0) * B]).view(-1, B, N)
+        steps = [t[t0:t1] if t is not None else None for t in (A, AH, WH, Z, S[:, 0], SH, m_main, m_hyper)]
+        st = (HS[t0:t1 + 1], C[t0:t1 + 1], CH[t0:t1 + 1])
+        if ext is not None:
+            ext.forward_loop(XP, *st, *steps[:6], lin_hh.arg(), lin_rec.arg(), p["bias"].contiguous(), z_wT, z_b, dwT,
+                             _cell_args(main), _cell_args(hyper), *steps[6:], counts[t0:t1], cfg.layer_norm,
+                             cfg.ln_eps, save)
+        else:
+            _eager_forward_loop(XP, *st, *steps[:6], lin_hh, lin_rec, p["bias"], p["z_weight"], z_b, dwT, main, hyper,
+                                *steps[6:], counts[t0:t1], save)
     out = HS[1:, :, :H]
     if counts[-1] < B:
         alive = torch.arange(B).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)  # [T, B]

@@ -73,8 +73,9 @@ def load():
             print(f"hyperkern: built the C++ CPU time loop ({isa()}) in {time.perf_counter() - t0:.0f} s, "
                   f"cached in {build_dir}", file=sys.stderr)
     except Exception as e:  # noqa: BLE001  (no compiler, no ninja, a failed build: all mean "eager")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _state["why"] = f"did not build ({type(e).__name__}: {first[:200]}); the eager loop runs"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "error" in ln.lower() and ln is not lines[0]), lines[0] if lines else "")
+        _state["why"] = f"did not build ({type(e).__name__}: {first[:300]}); the eager loop runs"
         return None
     _state["module"] = module
     _state["why"] = f"built for {isa()} ({build_dir})"

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <vector>
@@ -92,12 +93,8 @@ inline Vec<T> head(const Vec<T>& v, int64_t count) {
 }
 
 template <typename T>
-inline T hsum(const Vec<T>& v) {  // lanes in order: deterministic
-  T buf[Vec<T>::size()];
-  v.store(buf);
-  T s = 0;
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += buf[i];
-  return s;
+inline T hsum(const Vec<T>& v) {  // a fixed shuffle tree: deterministic
+  return at::vec::vec_reduce_all<T>([](const Vec<T>& x, const Vec<T>& y) { return x + y; }, v);
 }
 
 // σ and tanh from one exp each (Sleef's exp, 1 ulp): Sleef's own tanh costs ~4x an exp here
@@ -294,7 +291,7 @@ const T* ptr_or_null(const std::optional<Tensor>& t) {
 template <typename T>
 void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Tensor& CH, const Tensor& A,
                   const Tensor& AH, const Tensor& WH, const Tensor& Z, const Tensor& S, const Tensor& SH,
-                  const Gemm& g_hh, const Gemm& g_rec, const Tensor& bias, const Tensor& z_w, const Tensor& z_b,
+                  const Gemm& g_hh, const Gemm& g_rec, const Tensor& bias, const Tensor& z_wT, const Tensor& z_b,
                   const Tensor& dwT, const Cell<T>& main, const Cell<T>& hyper,
                   const std::optional<Tensor>& m_main, const std::optional<Tensor>& m_hyper,
                   const std::vector<int64_t>& counts, bool keep_wh) {
@@ -304,7 +301,7 @@ void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
   // h_t once more, contiguous: the main GEMM's operand (HS's rows are [h | ĥ])
   Tensor h_buf = HS[0].narrow(1, 0, H).clone(at::MemoryFormat::Contiguous);  // (never a view of HS)
   T* hb = h_buf.data_ptr<T>();
-  const T *bias_p = bias.data_ptr<T>(), *zw = z_w.data_ptr<T>(), *zb = z_b.data_ptr<T>(), *dw = dwT.data_ptr<T>();
+  const T *bias_p = bias.data_ptr<T>(), *zwT = z_wT.data_ptr<T>(), *zb = z_b.data_ptr<T>(), *dw = dwT.data_ptr<T>();
   const T *mm_p = ptr_or_null<T>(m_main), *mh_p = ptr_or_null<T>(m_hyper);
   for (int64_t t = 0; t < T_; ++t) {
     const int64_t n = counts[t];
@@ -333,12 +330,12 @@ void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
         });
         T* hh = hs1 + b * NS + H;
         hyper.forward(ahb, ch0 + b * K, mh ? mh + b * K : nullptr, ch1 + b * K, hh, sh + b * ns);
-        // z = ĥ_t z_w^T + [z_bias; 0]
+        // z = [z_bias; 0] + ĥ_t z_w^T, vectorised over the 12E outputs (z_wT = z_w^T, [K, 12E])
         T* zr = z + b * 12 * E;
-        for (int64_t m = 0; m < 12 * E; ++m) {
-          Vec<T> acc(T(0));
-          vfor<T>(K, [&](int64_t j, int64_t c) { acc = at::vec::fmadd(ld(zw + m * K + j, c), ld(hh + j, c), acc); });
-          zr[m] = zb[m] + hsum(acc);
+        std::copy(zb, zb + 12 * E, zr);
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec<T> hk(hh[k]);
+          vfor<T>(12 * E, [&](int64_t m, int64_t c) { at::vec::fmadd(hk, ld(zwT + k * 12 * E + m, c), ld(zr + m, c)).store(zr + m, c); });
         }
         // main pre-activations a_y = d_x ⊙ (x W_x^T) + d_h ⊙ (h W_h^T) + bias + beta
         const T* whb = wh_p + b * 4 * H;
@@ -362,7 +359,7 @@ void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
 
 void forward_loop(const Tensor& XP, const Tensor& HS, const Tensor& C, const Tensor& CH, const Tensor& A,
                   const Tensor& AH, const Tensor& WH, const Tensor& Z, const Tensor& S, const Tensor& SH,
-                  const GemmArg& g_hh, const GemmArg& g_rec, const Tensor& bias, const Tensor& z_w,
+                  const GemmArg& g_hh, const GemmArg& g_rec, const Tensor& bias, const Tensor& z_wT,
                   const Tensor& z_b, const Tensor& dwT, const std::vector<Tensor>& main_p,
                   const std::vector<Tensor>& hyper_p, const std::optional<Tensor>& m_main,
                   const std::optional<Tensor>& m_hyper, const std::vector<int64_t>& counts, bool layer_norm,
@@ -371,7 +368,7 @@ void forward_loop(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
   AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "hyper_lstm_forward_loop", [&] {
     auto main = make_cell<scalar_t>(C.size(2), layer_norm, eps, main_p[0], main_p[1], main_p[2], main_p[3]);
     auto hyper = make_cell<scalar_t>(CH.size(2), layer_norm, eps, hyper_p[0], hyper_p[1], hyper_p[2], hyper_p[3]);
-    forward_impl<scalar_t>(XP, HS, C, CH, A, AH, WH, Z, S, SH, make_gemm(g_hh), make_gemm(g_rec), bias, z_w, z_b,
+    forward_impl<scalar_t>(XP, HS, C, CH, A, AH, WH, Z, S, SH, make_gemm(g_hh), make_gemm(g_rec), bias, z_wT, z_b,
                            dwT, main, hyper, m_main, m_hyper, counts, keep_wh);
   });
 }
