@@ -38,7 +38,8 @@ from . import cpu
 from .common import CellConfig, Lengths, Masks
 from .cpu.gemm import Linear
 from .dropout import seeded_masks
-from .fused_triton import _masks_from_op, _masks_to_op, _needs_grad
+# the custom-op calling convention the Triton backend's op defined (it imports no Triton at module level)
+from .fused_triton import _cfg_of, _masks_from_op, _masks_to_op, _needs_grad
 
 _native_ln = torch.ops.aten.native_layer_norm.default
 _native_ln_backward = torch.ops.aten.native_layer_norm_backward.default
@@ -223,10 +224,10 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
     HS[0, :, :H], C[0], HS[0, :, H:], CH[0] = state  # (h, c, ĥ, ĉ)
     # per-step tensors: all T steps kept when training, else one step's worth reused every step
     # (rows of finished sequences are zero, so that every output of the op is defined)
-    steps = T if save else 1
+    kept = T if save else 1
     new = x.new_zeros if counts[-1] < B else x.new_empty
-    A, AH, WH, Z = (new(steps, B, w).expand(T, B, w) for w in (4 * H, 4 * K, 4 * H, 12 * E))
-    S = new(steps, 2, B, N_STATS if cfg.layer_norm else 0).expand(T, -1, -1, -1)
+    A, AH, WH, Z = (new(kept, B, w).expand(T, B, w) for w in (4 * H, 4 * K, 4 * H, 12 * E))
+    S = new(kept, 2, B, N_STATS if cfg.layer_norm else 0).expand(T, -1, -1, -1)
     SH = S[:, 1]
     ext = _loop_impl(x)
     # The hoisted input projection of both cells (hyper bias folded in), one GEMM over many steps:
@@ -238,15 +239,16 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         XP = torch.addmm(xp_bias, x[t0:t1].reshape(-1, X), W_x.t(), out=xp_buf[:(t1 - t0) * B]).view(-1, B, N)
-        steps = [t[t0:t1] if t is not None else None for t in (A, AH, WH, Z, S[:, 0], SH, m_main, m_hyper)]
-        st = (HS[t0:t1 + 1], C[t0:t1 + 1], CH[t0:t1 + 1])
+        states = (HS[t0:t1 + 1], C[t0:t1 + 1], CH[t0:t1 + 1])
+        per_step = [v[t0:t1] for v in (A, AH, WH, Z, S[:, 0], SH)]
+        masks = [None if m is None else m[t0:t1] for m in (m_main, m_hyper)]
         if ext is not None:
-            ext.forward_loop(XP, *st, *steps[:6], lin_hh.arg(), lin_rec.arg(), p["bias"].contiguous(), z_wT, z_b, dwT,
-                             _cell_args(main), _cell_args(hyper), *steps[6:], counts[t0:t1], cfg.layer_norm,
+            ext.forward_loop(XP, *states, *per_step, lin_hh.arg(), lin_rec.arg(), p["bias"].contiguous(), z_wT, z_b,
+                             dwT, _cell_args(main), _cell_args(hyper), *masks, counts[t0:t1], cfg.layer_norm,
                              cfg.ln_eps, save)
         else:
-            _eager_forward_loop(XP, *st, *steps[:6], lin_hh, lin_rec, p["bias"], p["z_weight"], z_b, dwT, main, hyper,
-                                *steps[6:], counts[t0:t1], save)
+            _eager_forward_loop(XP, *states, *per_step, lin_hh, lin_rec, p["bias"], p["z_weight"], z_b, dwT, main,
+                                hyper, *masks, counts[t0:t1], save)
     out = HS[1:, :, :H]
     if counts[-1] < B:
         alive = torch.arange(B).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)  # [T, B]
@@ -367,10 +369,6 @@ def _backward(x: Tensor, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int
 # torch.library registration: the sequence (forward) and its backward, one custom op each, so
 # torch.compile treats the time loop as a single opaque node (no graph break)
 # --------------------------------------------------------------------------------------------
-
-def _cfg_of(X: int, H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float) -> CellConfig:
-    return CellConfig(X, H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps))
-
 
 def _op_masks(x: Tensor, m_main, m_hyper, seed, p_drop, H: int, Hh: int):
     """The op's dropout arguments as mask tensors (a seed is materialised, as the reference does)."""
