@@ -15,6 +15,7 @@ itself has to be compiled. See docs/cpu_backend.md for the measurements.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -42,13 +43,16 @@ def isa() -> str:
 
 
 def _build_args() -> Tuple[str, list]:
+    """(extension name, compiler flags). The name carries the ISA and a hash of the source and the
+    flags, so every version has its own cached build: two checkouts never rebuild each other's."""
     flags, macro = _ISA_FLAGS.get(isa(), ([], None))
     # no implicit FMA contraction: a - b·c must round b·c as written (an LN over one feature then
     # gives exactly 0, as the reference does, and the two loops agree with the eager one)
     # -fopenmp: at::parallel_for is a header template, parallel only where OpenMP is on (torch's
     # own libgomp serves it at run time)
     cflags = ["-O3", "-ffp-contract=off", "-fopenmp", *flags] + ([f"-D{macro}"] if macro else [])
-    return f"hyperkern_hyper_lstm_cpu_{isa().lower()}", cflags
+    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:10]
+    return f"hyperkern_hyper_lstm_cpu_{isa().lower()}_{digest}", cflags
 
 
 def load():
@@ -64,12 +68,11 @@ def load():
 
         name, cflags = _build_args()
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        lib = build_dir / f"{name}.so"
-        before = lib.stat().st_mtime if lib.exists() else None
+        built = (build_dir / f"{name}.so").exists()
         t0 = time.perf_counter()
         module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
                                     extra_ldflags=["-fopenmp"], verbose=False)
-        if not lib.exists() or lib.stat().st_mtime != before:
+        if not built:
             print(f"hyperkern: built the C++ CPU time loop ({isa()}) in {time.perf_counter() - t0:.0f} s, "
                   f"cached in {build_dir}", file=sys.stderr)
     except Exception as e:  # noqa: BLE001  (no compiler, no ninja, a failed build: all mean "eager")
