@@ -8,7 +8,8 @@ packed sgemm beats both (docs/cpu_backend.md).
 
 For each (M, N, K, dtype, thread count), the first use times every candidate available for that
 dtype once: the cost of packing the weight (paid once per sequence call) and of one product (paid
-every step), medians over a few runs on random data of that shape, kept for the process. A call
+every step), medians over a few runs on random data of that shape, the candidates timed in turn
+(round-robin, so that load on a shared machine hits them alike), kept for the process. A call
 that will apply the weight ``uses`` times then takes the variant with the smallest
 ``pack + uses · apply``. Plain ``mm`` packs nothing, so the choice is never slower than ``mm`` by
 that measurement. :func:`choices` lists what was measured and chosen (``python -m hyperkern bench``
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -63,14 +64,18 @@ def apply(variant: str, x: Tensor, W: Tensor, packed: Optional[Tensor], batch: i
     return torch.mm(x, W.t())
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (lazy initialisation, first-touch page faults)
-    samples = []
+def _interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median seconds per call of each fn, timed round-robin (so a burst of load on a shared
+    machine hits every candidate alike), after one warm-up call each."""
+    for fn in fns.values():
+        fn()  # lazy initialisation, first-touch page faults
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = timer()
-        fn()
-        samples.append(timer() - t0)
-    return statistics.median(samples)
+        for k, fn in fns.items():
+            t0 = timer()
+            fn()
+            samples[k].append(timer() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def measure(M: int, N: int, K: int, dtype: torch.dtype) -> Dict[str, Tuple[float, float]]:
@@ -84,16 +89,17 @@ def measure(M: int, N: int, K: int, dtype: torch.dtype) -> Dict[str, Tuple[float
     x = torch.randn(M, K, generator=g, dtype=dtype)
     W = torch.randn(N, K, generator=g, dtype=dtype)
     want = torch.mm(x, W.t())
-    res = {}
+    packed = {}
     for v in available(dtype):
         try:
-            packed = pack(v, W, M)
-            if not torch.allclose(apply(v, x, W, packed, M), want, rtol=1e-4, atol=1e-3 * K ** 0.5):
-                continue
-            t_pack = 0.0 if v == "mm" else _median_time(lambda: pack(v, W, M), 3)
-            res[v] = (t_pack, _median_time(lambda: apply(v, x, W, packed, M), REPEATS))
+            p = pack(v, W, M)
+            if torch.allclose(apply(v, x, W, p, M), want, rtol=1e-4, atol=1e-3 * K ** 0.5):
+                packed[v] = p
         except (RuntimeError, AttributeError):  # not in this torch build / not for this shape
             continue
+    t_apply = _interleaved_medians({v: (lambda v=v: apply(v, x, W, packed[v], M)) for v in packed}, REPEATS)
+    t_pack = _interleaved_medians({v: (lambda v=v: pack(v, W, M)) for v in packed if v != "mm"}, 3)
+    res = {v: (t_pack.get(v, 0.0), t_apply[v]) for v in packed}
     _measured[key] = res
     return res
 
