@@ -355,3 +355,14 @@ def test_torch_compile_fullgraph_through_the_module_once_the_backend_is_loaded()
     want, _ = m(x)
     (out.sum() + st.c.sum()).backward()
     assert rel_err(out, want) <= 1e-6 and m.cells[0].weight_hh.grad is not None
+
+
+def test_the_loops_gemm_calls_every_variant_right(ext):
+    """The C++ loop calls the packed variants through the dispatcher: each one against mm."""
+    g = torch.Generator().manual_seed(1)
+    x, W = torch.randn(6, 19, generator=g), torch.randn(29, 19, generator=g)
+    for v in gemm.available(F32):
+        lin = gemm.Linear(W, batch=6, uses=1)
+        lin.variant, lin.packed = v, gemm.pack(v, W, 6)
+        assert rel_err(ext.gemm(lin.arg(), x), x @ W.t()) <= 1e-5, v
+        assert rel_err(ext.gemm(lin.arg(), x[:4]), x[:4] @ W.t()) <= 1e-5, f"{v}, fewer rows than packed for"

@@ -5,16 +5,15 @@
 // the post-loop weight-gradient GEMMs); these two functions are its loop bodies, step for step the
 // same as its eager Python loops (_eager_forward_loop / _eager_backward_loop), with the same buffers:
 //
-//   forward step t:  2 GEMMs (the chosen variant, see Gemm), then ONE pass over the rows alive:
-//                    hyper cell -> z -> the 12 scaling vectors (never stored) -> main cell.
-//   backward step t: ONE pass over the rows (main cell, d/dz, hyper cell), ONE pass over the
-//                    columns (every sum over the batch: bias, d_weight, LN affine), then 2 GEMMs.
+//   forward step t:  2 GEMMs (the chosen variant, see Gemm), then ONE parallel pass over the rows
+//                    alive: hyper cell -> z -> the 12 scaling vectors (never stored) -> main cell.
+//   backward step t: ONE parallel pass over chunks of ROWS rows (main cell, d/dz, hyper cell, then
+//                    the chunk's share of every sum over the batch), then 2 GEMMs.
 //
-// Gate maths (per-gate LN, update, LN(c), h) is written once (cell_forward_row /
-// cell_backward_row) for both cells, vectorised with ATen's Vectorized<T> over the K features of
-// all four gates at once. Every reduction runs in a fixed order inside one thread (rows are split
-// between threads for the row pass, columns for the column pass), so results are bitwise
-// repeatable, whatever the thread count.
+// Gate maths (per-gate LN, update, LN(c), h) is written once (Cell::forward / Cell::backward) for
+// both cells, vectorised with ATen's Vectorized<T> over the K features of all four gates at once.
+// Every reduction runs in a fixed order inside one thread, and the batch sums go through fixed
+// chunks of rows (see ROWS), so results are bitwise repeatable, whatever the thread count.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -59,11 +58,11 @@ struct Gemm {
   }
 };
 
-Gemm make_gemm(const std::tuple<int64_t, Tensor, std::optional<Tensor>, int64_t>& g) {
+using GemmArg = std::tuple<int64_t, Tensor, std::optional<Tensor>, int64_t>;  // gemm.Linear.arg()
+
+Gemm make_gemm(const GemmArg& g) {
   return Gemm{std::get<0>(g), std::get<1>(g), std::get<2>(g).value_or(Tensor()), std::get<3>(g)};
 }
-
-using GemmArg = std::tuple<int64_t, Tensor, std::optional<Tensor>, int64_t>;
 
 // ---------------------------------------------------------------------------------------------
 // Vector helpers
@@ -571,5 +570,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_loop", &backward_loop, "HyperLSTM backward time loop (see fused_torch.py)");
   m.def("gemm", [](const GemmArg& g, const Tensor& x) {
     return make_gemm(g)(x, at::empty({x.size(0), std::get<1>(g).size(0)}, x.options()));
-  }, "x @ W^T with a chosen GEMM variant (for the chooser's checks)");
+  }, "x @ W^T through the loop's own Gemm (tests check every variant against mm)");
 }
