@@ -10,6 +10,8 @@ setup(
     # The Triton kernels live in the top-level kernels/ folder and install as hyperkern.kernels.
     packages=find_packages(include=["hyperkern", "hyperkern.*"]) + ["hyperkern.kernels"],
     package_dir={"hyperkern.kernels": "kernels"},
+    # the torch backend's C++ time loop: compiled at first use (never at install), so the source ships
+    package_data={"hyperkern.ops.hyper_lstm.cpu": ["*.cpp"]},
     install_requires=["torch>=2.3", "numpy"],
     extras_require={
         # torch's CUDA wheels already bring a matching Triton; the test extra installs it so the
@@ -17,6 +19,8 @@ setup(
         "test": [
             "pytest",
             "pytest-benchmark",
+            # torch.utils.cpp_extension builds the torch backend's C++ CPU loop with ninja
+            "ninja",
             # 3.6: the lent GPU machine's image (torch 2.11); 3.7: torch 2.13's CUDA pin; CI takes the newest
             "triton>=3.6,<3.10; platform_system == 'Linux' and platform_machine == 'x86_64'",
             # so the examples' smoke tests and the report plot run in CI too

@@ -32,6 +32,13 @@ def _info(args) -> int:
         print(f"{op_name} backends (auto: first usable of {', '.join(op.REGISTRY.auto_order)}):")
         for name, (ok, why) in op.available_backends().items():
             print(f"  {name:10s} {'yes' if ok else 'no '}  {why}")
+    from hyperkern.ops.hyper_lstm import cpu
+
+    ok, why = cpu.status(build=True)  # builds it on first use (~30 s once), else says why not
+    print(f"torch backend on CPU (fp32/fp64), vector ISA {cpu.isa()}:")
+    print(f"  C++ loop   {'yes' if ok else 'no '}  {why}")
+    print("  GEMMs      each reused weight's variant (mm, MKL-packed, oneDNN) measured at first use per shape; "
+          "`bench` prints the choices")
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 
 from .dropout import DropoutSeed
@@ -100,3 +101,17 @@ class CellConfig:
 
 Lengths = Optional[Tensor]
 Masks = Optional[Union[Tuple[Tensor, Tensor], DropoutSeed]]
+
+
+def cell_config(X: int, H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float) -> CellConfig:
+    """A :class:`CellConfig` from the scalar arguments of the backends' ``torch.library`` ops."""
+    return CellConfig(X, H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps))
+
+
+def needs_grad(x: Tensor, state, params: Dict[str, Tensor]) -> bool:
+    """Whether a backend call must keep what its backward needs (grad mode on and any input
+    requiring a gradient)."""
+    if not torch.is_grad_enabled():
+        return False
+    return (x.requires_grad or any(isinstance(s, Tensor) and s.requires_grad for s in state)
+            or any(isinstance(p, Tensor) and p.requires_grad for p in params.values()))

@@ -126,3 +126,19 @@ def check_seed(masks: DropoutSeed, device) -> None:
         raise ValueError(f"masks: DropoutSeed.seed is on {seed.device}, x on {device}")
     if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 <= p < 1.0:
         raise ValueError(f"masks: DropoutSeed.p must be a number in [0, 1), got {p!r}")
+
+
+def masks_to_op(masks):
+    """A backend's ``masks`` as a ``torch.library`` op's ``(m_main, m_hyper, seed, p_drop)`` arguments."""
+    if isinstance(masks, DropoutSeed):
+        return None, None, masks.seed, float(masks.p)
+    if masks is None:
+        return None, None, None, 0.0
+    return masks[0], masks[1], None, 0.0
+
+
+def masks_from_op(m_main, m_hyper, seed, p_drop):
+    """The inverse of :func:`masks_to_op`."""
+    if seed is not None:
+        return DropoutSeed(seed, float(p_drop))
+    return None if m_main is None else (m_main, m_hyper)

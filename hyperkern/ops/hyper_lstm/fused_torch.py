@@ -6,28 +6,38 @@ Decomposition (same as the kernels, see DESIGN.md):
 - Before the loop, ONE GEMM projects every timestep's input for both cells:
   ``XP = x @ [weight_ih ; hyper_weight_ih[:, :X]]^T (+ hyper_bias)``, ``[T, B, 4H + 4Hh]``.
 - ``h_t`` and ``h_hat_t`` live side by side in one buffer ``HS [T+1, B, H+Hh]`` so the hyper
-  cell's two recurrent matmuls are one ``addmm`` against ``[hyper_weight_ih[:, X:], hyper_weight_hh]``.
-- Per step: 2 matmuls (hyper gates, main ``h @ W_hh^T``), one ``addmm`` for the 12 embeddings z,
-  one ``bmm`` for the 12 scaling vectors d, and the gate maths vectorised over the 4 gates.
-- The backward (hand-written, reverse time) does per step only what the recurrence needs; every
-  weight gradient that is a sum over time is one large matmul after the loop, over gradients the
-  loop wrote into preallocated ``[T, B, ...]`` buffers. ``d_weight`` is the exception: its
-  gradient is a tiny ``baddbmm`` per step (storing the 12 scaling-vector gradients for all steps
-  would cost 12·T·B·H values).
+  cell's two recurrent matmuls are one GEMM against ``[hyper_weight_ih[:, X:], hyper_weight_hh]``.
+- Per step: 2 GEMMs (hyper gates, main ``h @ W_hh^T``; each the variant measured fastest for its
+  shape here, :mod:`.cpu.gemm`), the 12 embeddings z, the 12 scaling vectors d, and the gate maths.
+- The backward (hand-written, reverse time) does per step only what the recurrence needs, and
+  recomputes the activations from the saved pre-activations and LN statistics; every weight
+  gradient that is a sum over time is one large matmul after the loop, over gradients the loop
+  wrote into ``[T, B, ...]`` buffers. Sums over the batch that would need ``[T, B, 12H]`` buffers
+  (``d_weight``, ``bias``, the LN affine parameters) are accumulated step by step.
+
+The time loop has two implementations over the same buffers, step for step the same maths:
+the C++ loop of ``cpu/hyper_lstm.cpp`` (CPU, fp32/fp64, built at first use: :mod:`.cpu`), and
+the eager loops below (:func:`_eager_forward_loop`, :func:`_eager_backward_loop`), which run
+everywhere else (CUDA tensors, fp16/bf16, or where the extension cannot build).
+
+The whole sequence is one ``torch.library`` custom op, ``hyperkern::hyper_lstm_torch``, with its
+backward registered (``hyperkern::hyper_lstm_torch_backward``), so ``torch.compile`` sees one
+opaque node instead of a Python loop: no graph break.
 
 Variable length uses the shrinking-batch scheme of packed sequences: sequences are sorted by
 length, so at step t only the first ``n_t`` rows are alive; the rest keep their state.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .common import CellConfig, Lengths, Masks
-from .dropout import mask_tensors
+from . import cpu
+from .common import CellConfig, Lengths, Masks, cell_config, needs_grad
+from .cpu.gemm import Linear
+from .dropout import masks_from_op, masks_to_op, seeded_masks
 
 _native_ln = torch.ops.aten.native_layer_norm.default
 _native_ln_backward = torch.ops.aten.native_layer_norm_backward.default
@@ -35,328 +45,430 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward.default  # grad * y * (1 - y
 _tanh_backward = torch.ops.aten.tanh_backward.default  # grad * (1 - y²), one op
 _tanh_backward_out = torch.ops.aten.tanh_backward.grad_input
 
+XP_CHUNK = 16  # steps per input-projection GEMM in inference (see _forward)
+N_STATS = 10  # LN statistics kept per row and step: per-gate mean[4], rstd[4], LN(c) mean, rstd
+SAVED_NAMES = ("XP", "HS", "C", "CH", "A", "AH", "WH", "Z", "S")
+"""What the forward keeps for the backward, each ``[T(+1), B, ·]``: the x-projections, the states
+(``HS = [h | ĥ]``, ``C``, ``CH``), the pre-LN gate pre-activations of both cells (``A``, ``AH``),
+``h_{t-1} @ W_hh^T`` (``WH``), the embeddings ``Z`` and the LN statistics of the main and the
+hyper cell (``S [T, 2, B, 10]``; ``[T, 2, B, 0]`` without layer norm: one tensor, as no two
+outputs of the op may share memory, and two empty ones would)."""
+
 
 def _active_counts(lengths: Lengths, T: int, B: int) -> List[int]:
     """Rows alive at each step (lengths sorted non-increasing) — like PackedSequence.batch_sizes."""
     if lengths is None:
         return [B] * T
-    return [int(n) for n in (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).sum(1)]
+    return [int(n) for n in (torch.arange(T).unsqueeze(1) < lengths.cpu().unsqueeze(0)).sum(1)]
 
 
-class _Saved(NamedTuple):
-    """What one cell's step keeps for its backward."""
-
-    a: Tensor  # pre-activations [n, 4, K] (before the per-gate LN)
-    mean: Optional[Tensor]  # per-gate LN statistics [n, 4, 1]
-    rstd: Optional[Tensor]
-    an: Optional[Tensor]  # normalised gates [n, 4, K]
-    s: Tensor  # σ of every gate slot [n, 4, K] (slot 2 unused)
-    tg: Tensor  # tanh(g) [n, K]
-    tgm: Tensor  # tanh(g) after the recurrent-dropout mask
-    c_prev: Tensor
-    c: Tensor  # c_t (a view of the sequence buffer)
-    c_mean: Optional[Tensor]  # LN(c) statistics [n, 1]
-    c_rstd: Optional[Tensor]
-    tc: Tensor  # tanh(LN(c_t))
-    mask: Optional[Tensor]
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums over time accumulate in fp32 for fp16/bf16 inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class _GatedCell:
-    """The gate maths shared by the main and the hyper cell, vectorised over the 4 gates.
+class _Cell(NamedTuple):
+    """The gate maths shared by the main and the hyper cell, vectorised over the 4 gates (the eager
+    twin of ``Cell`` in cpu/hyper_lstm.cpp). ``shift [4, K]`` is the per-gate LN bias with the
+    forget bias added on f (added after the LN), or the forget bias alone without layer norm."""
 
-    Pre-activations ``a`` come as ``[n, 4, K]`` (gate order i, f, g, o). With layer norm:
-    per-gate LN over K, ``+ forget_bias`` on f after the LN, the LSTM update, and
-    ``h = σ(o) · tanh(LN(c))``. ``forward`` writes c and h into the given views (slices of the
-    sequence buffers) and returns what ``backward`` needs.
-    """
+    K: int
+    ln: bool
+    eps: float
+    ln_w: Optional[Tensor]  # [4, K]
+    shift: Tensor  # [4, K]
+    cw: Optional[Tensor]  # [K] LN(c) weight and bias
+    cb: Optional[Tensor]
 
-    def __init__(self, K: int, cfg: CellConfig, like: Tensor, ln_w=None, ln_b=None, ln_cell_w=None, ln_cell_b=None):
-        self.K, self.eps, self.layer_norm = K, cfg.ln_eps, cfg.layer_norm
-        self.ln_w, self.ln_cell_w, self.ln_cell_b = ln_w, ln_cell_w, ln_cell_b
-        fb = like.new_zeros(4, 1)
-        fb[1] = cfg.forget_bias
-        # the forget bias is added after the LN: fold it into the f gate's LN bias
-        self.shift = ln_b + fb if cfg.layer_norm else fb  # [4, K] or [4, 1]
+    def gates(self, a: Tensor, stats: Tensor):
+        """Post-LN gates ``g [n, 4, K]`` and the normalised pre-activations (None without LN)."""
+        if not self.ln:
+            return a + self.shift, None
+        an = (a - stats[:, :4, None]) * stats[:, 4:8, None]
+        return torch.addcmul(self.shift, an, self.ln_w), an
 
-    def forward(self, a: Tensor, c_prev: Tensor, c_out: Tensor, h_out: Tensor, mask: Optional[Tensor]):
+    def forward(self, a: Tensor, c_prev: Tensor, mask: Optional[Tensor], c_out: Tensor, h_out: Tensor, stats: Tensor):
+        """``a [n, 4, K]`` -> writes c, h and (with LN) the statistics ``stats [n, 10]``."""
         K = self.K
-        if self.layer_norm:
+        if self.ln:
             an, mean, rstd = _native_ln(a, (K,), None, None, self.eps)
+            stats[:, :4], stats[:, 4:8] = mean.view(-1, 4), rstd.view(-1, 4)
             g = torch.addcmul(self.shift, an, self.ln_w)
         else:
-            an = mean = rstd = None
             g = a + self.shift
         s = torch.sigmoid(g)  # slot 2 (the g gate) goes unused
-        s_i, s_f, _, s_o = s.unbind(1)
         tg = torch.tanh(g[:, 2])
-        tgm = tg * mask if mask is not None else tg
-        torch.addcmul(s_f * c_prev, s_i, tgm, out=c_out)
-        if self.layer_norm:
-            cn, c_mean, c_rstd = _native_ln(c_out, (K,), self.ln_cell_w, self.ln_cell_b, self.eps)
+        if mask is not None:
+            tg = tg * mask
+        torch.addcmul(s[:, 1] * c_prev, s[:, 0], tg, out=c_out)
+        if self.ln:
+            cn, c_mean, c_rstd = _native_ln(c_out, (K,), self.cw, self.cb, self.eps)
+            stats[:, 8:9], stats[:, 9:10] = c_mean, c_rstd
         else:
             cn = c_out
-            c_mean = c_rstd = None
-        tc = torch.tanh(cn)
-        torch.mul(s_o, tc, out=h_out)
-        return _Saved(a, mean, rstd, an, s, tg, tgm, c_prev, c_out, c_mean, c_rstd, tc, mask)
+        torch.mul(s[:, 3], torch.tanh(cn), out=h_out)
 
-    def backward(self, dh: Tensor, dc: Tensor, saved: _Saved):
-        """Returns (d pre-activations [n, 4, K], d c_prev, d post-LN gates, d LN(c))."""
-        a, mean, rstd, an, s, tg, tgm, c_prev, c, c_mean, c_rstd, tc, mask = saved
+    def backward(self, dh: Tensor, dc: Tensor, a: Tensor, stats: Tensor, c_prev: Tensor, c: Tensor,
+                 mask: Optional[Tensor]):
+        """Activations recomputed from ``a`` and ``stats``. ``dc`` (d c_t) becomes d c_{t-1} in
+        place. Returns (d pre-activations [n, 4, K], d post-LN gates, normalised gates, d LN(c),
+        normalised c); the last four feed the LN affine gradients (None without LN)."""
         K = self.K
-        dcn = _tanh_backward(dh * s[:, 3], tc)
-        if self.layer_norm:
-            dc = dc + _native_ln_backward(dcn, c, (K,), c_mean, c_rstd, self.ln_cell_w, None,
-                                          [True, False, False])[0]
+        g, an = self.gates(a, stats)
+        s = torch.sigmoid(g)
+        tg = torch.tanh(g[:, 2])
+        tgm = tg * mask if mask is not None else tg
+        if self.ln:
+            ch = (c - stats[:, 8:9]) * stats[:, 9:10]
+            tc = torch.tanh(torch.addcmul(self.cb, ch, self.cw))
         else:
-            dc = dc + dcn
+            ch, tc = None, torch.tanh(c)
+        dcn = _tanh_backward(dh * s[:, 3], tc)
+        if self.ln:
+            dc_tot = dc + _native_ln_backward(dcn, c, (K,), stats[:, 8:9].contiguous(), stats[:, 9:10].contiguous(),
+                                              self.cw, None, [True, False, False])[0]
+        else:
+            dc_tot = dc + dcn
         # gradients w.r.t. the activations σ(i), σ(f), tanh(g), σ(o), then through them
         dact = torch.empty_like(s)
-        torch.mul(dc, tgm, out=dact[:, 0])
-        torch.mul(dc, c_prev, out=dact[:, 1])
-        torch.mul(dc, s[:, 0], out=dact[:, 2])
+        torch.mul(dc_tot, tgm, out=dact[:, 0])
+        torch.mul(dc_tot, c_prev, out=dact[:, 1])
+        torch.mul(dc_tot, s[:, 0], out=dact[:, 2])
         if mask is not None:
             dact[:, 2] *= mask
         torch.mul(dh, tc, out=dact[:, 3])
         dg = _sigmoid_backward(dact, s)  # slot 2 is overwritten by tanh's derivative:
         _tanh_backward_out(dact[:, 2], tg, grad_input=dg[:, 2])
-        if self.layer_norm:
-            da = _native_ln_backward(dg * self.ln_w, a, (K,), mean, rstd, None, None, [True, False, False])[0]
-        else:
-            da = dg
-        return da, dc * s[:, 1], dg, dcn
-
-    def param_grads(self, dgs: List[Tensor], dcns: List[Tensor], saved: List[_Saved]):
-        """LN affine gradients over all steps at once (after the reverse loop).
-
-        ``dgs``/``dcns`` come in reverse time order (as the loop produced them), ``saved`` forward.
-        """
-        if not self.layer_norm:
-            return ()
-        dgs, dcns = dgs[::-1], dcns[::-1]
-        dg = torch.cat(dgs)
-        an = torch.cat([sv.an for sv in saved])
-        dcn = torch.cat(dcns)
-        c_hat = torch.cat([(sv.c - sv.c_mean) * sv.c_rstd for sv in saved])
-        return (dg * an).sum(0), dg.sum(0), (dcn * c_hat).sum(0), dcn.sum(0)
+        torch.mul(dc_tot, s[:, 1], out=dc)
+        if not self.ln:
+            return dg, None, None, None, None
+        da = _native_ln_backward(dg * self.ln_w, a, (K,), stats[:, :4, None].contiguous(),
+                                 stats[:, 4:8, None].contiguous(), None, None, [True, False, False])[0]
+        return da, dg, an, dcn, ch
 
 
-class _Linear:
-    """``x @ W^T`` for a weight reused every step: MKL-packed sgemm for float32 on CPU (about
-    1.4-1.8x faster than ``mm`` at the benchmark shapes), ``mm`` everywhere else."""
-
-    def __init__(self, W: Tensor, batch: int, uses: int):
-        self.W, self.Wt, self.batch, self.packed = W, W.t(), batch, None
-        # packing costs about two plain matmuls: only worth it when the weight is reused
-        if uses >= 4 and W.dtype == torch.float32 and W.device.type == "cpu" and torch.backends.mkl.is_available():
-            try:
-                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(W, batch)
-            except (RuntimeError, AttributeError):  # torch built without it
-                self.packed = None
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.W, None, self.batch)
-        return torch.mm(x, self.Wt)
-
-
-def _scratch(buf: Tensor, *shape: int) -> Tensor:
-    """A contiguous ``shape`` view of the front of a flat per-call buffer. Step temporaries live
-    in buffers allocated once: a fresh allocation per step costs page faults (measured here:
-    ~150 µs per fresh 512 KB block against ~12 µs reused)."""
-    n = 1
-    for s in shape:
-        n *= s
-    return buf[:n].view(shape)
-
-
-def _alive(n: int, B: int, *views):
-    """The first n rows (the sequences still running) of each ``[B, ...]`` view (None passes)."""
-    if n == B:
-        return views
-    return tuple(None if v is None else v[:n] for v in views)
-
-
-class _HyperLSTMSequence(torch.autograd.Function):
-    """One HyperLSTM cell over a whole sequence, with a hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, x, h0, c0, hh0, ch0, m_main, m_hyper, counts, cfg: CellConfig, *flat):
-        p = dict(zip(cfg.param_names(), flat))
-        T, B, X = x.shape
-        H, K, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
-        # hoisted input projection of every step, for both cells (hyper bias folded in)
-        W_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]])  # [4H+4K, X]
-        xp_bias = torch.cat([p["bias"].new_zeros(4 * H), p["hyper_bias"]])
-        XP = torch.addmm(xp_bias, x.reshape(T * B, X), W_x.t()).view(T, B, 4 * H + 4 * K)
-        xp_main = XP[..., :4 * H].unflatten(-1, (4, H)).unbind(0)  # T x [B, 4, H]
-        xp_hyper = XP[..., 4 * H:].unbind(0)  # T x [B, 4K]
-        # the hyper cell's two recurrent matmuls as one, over [h_{t-1} | h_hat_{t-1}]
-        W_rec_t = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1).t()  # [H+K, 4K]
-        lin_hh = _Linear(p["weight_hh"], B, uses=T)
-        zb = torch.cat([p["z_bias"], p["z_bias"].new_zeros(4 * E)])
-        z_w_t = p["z_weight"].t()
-        d_w_t = p["d_weight"].transpose(1, 2).contiguous()  # [12, E, H]
-        bias4 = p["bias"].view(4, H)
-
-        HS = x.new_empty(T + 1, B, H + K)  # [h_t | h_hat_t], the matmul operand of every step
-        Cm, Ch = x.new_empty(T + 1, B, H), x.new_empty(T + 1, B, K)  # c_t, c_hat_t
-        HS[0, :, :H], HS[0, :, H:], Cm[0], Ch[0] = h0, hh0, c0, ch0
-        ZT = x.new_empty(T, 12, B, E)  # embeddings, path-major (the bmm's layout)
-        d_buf = x.new_empty(12 * B * H)  # the step's scaling vectors (recomputed in the backward)
-        hs, h_v, hh_v = HS.unbind(0), HS[..., :H].unbind(0), HS[..., H:].unbind(0)
-        cm, ch, zt_v = Cm.unbind(0), Ch.unbind(0), ZT.unbind(0)
-        main, hyper = _cells(cfg, p, x)
-        # what the backward needs, per step; kept only when a gradient is wanted (otherwise every
-        # step's temporaries are freed and their memory reused by the next step)
-        training = any(ctx.needs_input_grad)
-        saved_main, saved_hyper, whs = [], [], []
-
-        for t in range(T):
-            n = counts[t]
-            if n < B:  # finished sequences carry their state
-                HS[t + 1, n:], Cm[t + 1, n:], Ch[t + 1, n:] = HS[t, n:], Cm[t, n:], Ch[t, n:]
-            xph, hs_t, c_hat_prev, c_hat, h_hat, xpm, h_prev, c_prev, c_new, h_new, mh, mm = _alive(
-                n, B, xp_hyper[t], hs[t], ch[t], ch[t + 1], hh_v[t + 1], xp_main[t], h_v[t], cm[t], cm[t + 1],
-                h_v[t + 1], None if m_hyper is None else m_hyper[t], None if m_main is None else m_main[t])
-            a_hat = torch.addmm(xph, hs_t, W_rec_t).view(n, 4, K)
-            sv_hyper = hyper.forward(a_hat, c_hat_prev, c_hat, h_hat, mh)
-            z = torch.addmm(zb, h_hat, z_w_t)  # [n, 12E], from the NEW h_hat
-            zt = zt_v[t] if n == B else zt_v[t][:, :n]
-            zt.copy_(z.view(n, 12, E).transpose(0, 1))
-            d = torch.bmm(zt, d_w_t, out=_scratch(d_buf, 12, n, H))
-            d_x, d_h, beta = d.view(3, 4, n, H).transpose(1, 2).unbind(0)  # [n, 4, H] each
-            wh = lin_hh(h_prev).view(n, 4, H)
-            a = torch.add(beta, bias4, out=x.new_empty(n, 4, H))  # contiguous, whatever d's layout
-            a.addcmul_(d_x, xpm).addcmul_(d_h, wh)
-            sv_main = main.forward(a, c_prev, c_new, h_new, mm)
-            if training:
-                saved_hyper.append(sv_hyper)
-                saved_main.append(sv_main)
-                whs.append(wh)
-
-        out = HS[1:, :, :H]
-        if counts[-1] < B:
-            alive = torch.arange(B).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)  # [T, B]
-            out = out * alive.to(out).unsqueeze(-1)
-        else:
-            out = out.contiguous()
-        if training:
-            ctx.save_for_backward(x, *flat)
-            ctx.buffers = (XP, HS, ZT, whs, m_main, m_hyper)
-            ctx.saved_cells = (saved_main, saved_hyper)
-            ctx.counts, ctx.cfg = counts, cfg
-        final = (HS[T, :, :H], Cm[T], HS[T, :, H:], Ch[T])
-        return (out,) + tuple(s.clone() if s.is_contiguous() else s.contiguous() for s in final)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, dh, dc, dhh, dch):
-        x, *flat = ctx.saved_tensors
-        cfg, counts = ctx.cfg, ctx.counts
-        p = dict(zip(cfg.param_names(), flat))
-        XP, HS, ZT, whs, m_main, m_hyper = ctx.buffers
-        saved_main, saved_hyper = ctx.saved_cells
-        T, B, X = x.shape
-        H, K, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
-        main, hyper = _cells(cfg, p, x)
-        d_w = p["d_weight"]
-        d_w_t = d_w.transpose(1, 2).contiguous()
-        W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
-        lin_hh_t = _Linear(p["weight_hh"].t().contiguous(), B, uses=T)  # dG @ W_hh
-        xp_main = XP[..., :4 * H].unflatten(-1, (4, H)).unbind(0)
-
-        def grad_or_zeros(g, n):
-            return g.clone() if g is not None else x.new_zeros(B, n)
-
-        dh, dc, dhh, dch = (grad_or_zeros(g, n) for g, n in ((dh, H), (dc, H), (dhh, K), (dch, K)))
-        d_out = d_out.unbind(0) if d_out is not None else [x.new_zeros(B, H)] * T
-        # per-step gradients the post-loop GEMMs consume; rows of finished sequences stay zero
-        DXP = x.new_zeros(T, B, 4 * H + 4 * K)  # d/dXP: [d_x ⊙ da (main) | d a_hat (hyper)]
-        DWH = x.new_zeros(T, B, 4 * H)  # d/d(h_{t-1} W_hh^T) = d_h ⊙ da
-        DZ = x.new_zeros(T, B, 12 * E)
-        dxp_main = DXP[..., :4 * H].unflatten(-1, (4, H)).unbind(0)
-        dxp_hyper, dwh_v, dz_v = DXP[..., 4 * H:].unbind(0), DWH.unbind(0), DZ.unbind(0)
-        dd_weight = torch.zeros_like(d_w)
-        d_buf, dd_buf = x.new_empty(8 * B * H), x.new_empty(12 * B * H)
-        das, dgs_main, dcns_main, dgs_hyper, dcns_hyper = [], [], [], [], []
-
-        for t in reversed(range(T)):
-            n = counts[t]
-            dh_t, dc_t, dhh_t, dch_t, dout_t, xpm, dxpm, dxph, dwh, dz = _alive(
-                n, B, dh, dc, dhh, dch, d_out[t], xp_main[t], dxp_main[t], dxp_hyper[t],
-                dwh_v[t].view(B, 4, H), dz_v[t])
-            zt = ZT[t] if n == B else ZT[t][:, :n]  # [12, n, E]
-            da, dc_prev, dg, dcn = main.backward(dh_t + dout_t, dc_t, saved_main[t])
-            das.append(da)
-            dgs_main.append(dg)
-            dcns_main.append(dcn)
-            # a = d_x ⊙ wx + d_h ⊙ wh + bias + beta
-            d = torch.bmm(zt[:8], d_w_t[:8], out=_scratch(d_buf, 8, n, H))
-            d_x, d_h = d.view(2, 4, n, H).transpose(1, 2).unbind(0)
-            torch.mul(da, d_x, out=dxpm)
-            torch.mul(da, d_h, out=dwh)
-            dd = _scratch(dd_buf, 12, n, H)  # d/d(scaling vectors), paths x, h, bias
-            dd_x, dd_h, dd_b = dd.view(3, 4, n, H).transpose(1, 2).unbind(0)
-            torch.mul(da, xpm, out=dd_x)
-            torch.mul(da, whs[t], out=dd_h)
-            dd_b.copy_(da)
-            torch.bmm(dd, d_w, out=dz.view(n, 12, E).transpose(0, 1))
-            dd_weight.baddbmm_(dd.transpose(1, 2), zt)
-            dh_hat = torch.addmm(dhh_t, dz, p["z_weight"])
-            da_hat, dch_prev, dg_h, dcn_h = hyper.backward(dh_hat, dch_t, saved_hyper[t])
-            dgs_hyper.append(dg_h)
-            dcns_hyper.append(dcn_h)
-            da_hat = da_hat.view(n, 4 * K)
-            dxph.copy_(da_hat)
-            dHS = torch.mm(da_hat, W_rec)  # [n, H+K]
-            dh_prev = lin_hh_t(dwh.view(n, 4 * H)).add_(dHS[:, :H])
-            if n == B:
-                dh, dc, dhh, dch = dh_prev, dc_prev, dHS[:, H:], dch_prev
-            else:  # sequences that end before t keep their gradients in the rows past n
-                dh_t.copy_(dh_prev), dc_t.copy_(dc_prev), dhh_t.copy_(dHS[:, H:]), dch_t.copy_(dch_prev)
-
-        # every weight gradient that sums over time: one large matmul each
-        DXP2, TB = DXP.view(T * B, 4 * H + 4 * K), T * B
-        W_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]])
-        dx = (DXP2 @ W_x).view(T, B, X)
-        dW_x = DXP2.t() @ x.reshape(TB, X)  # [4H+4K, X]
-        dW_rec = DXP2[:, 4 * H:].t() @ HS[:T].reshape(TB, H + K)  # [4K, H+K]
-        grads = {
-            "weight_ih": dW_x[:4 * H],
-            "weight_hh": DWH.view(TB, 4 * H).t() @ HS[:T, :, :H].reshape(TB, H),
-            "bias": torch.cat(das).sum(0).reshape(4 * H),
-            "hyper_weight_ih": torch.cat([dW_x[4 * H:], dW_rec[:, :H]], 1),
-            "hyper_weight_hh": dW_rec[:, H:].contiguous(),
-            "hyper_bias": DXP2[:, 4 * H:].sum(0),
-            "z_weight": DZ.view(TB, 12 * E).t() @ HS[1:, :, H:].reshape(TB, K),
-            "z_bias": DZ.view(TB, 12 * E)[:, :8 * E].sum(0),
-            "d_weight": dd_weight,
-        }
+def _cells(cfg: CellConfig, p: Dict[str, Tensor], like: Tensor) -> Tuple[_Cell, _Cell]:
+    """The main and the hyper cell's constants (the forget bias folded into ``shift``)."""
+    cells = []
+    for K, pre in ((cfg.hidden_size, ""), (cfg.hyper_size, "hyper_")):
+        fb = like.new_zeros(4, K)
+        fb[1] = cfg.forget_bias
         if cfg.layer_norm:
-            names = ("ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias")
-            grads.update(zip(names, main.param_grads(dgs_main, dcns_main, saved_main)))
-            grads.update(zip(("hyper_" + n for n in names), hyper.param_grads(dgs_hyper, dcns_hyper, saved_hyper)))
-        d_state = tuple(g.contiguous() for g in (dh, dc, dhh, dch))
-        return (dx,) + d_state + (None, None, None, None) + tuple(grads[n] for n in cfg.param_names())
+            cells.append(_Cell(K, True, cfg.ln_eps, p[pre + "ln_weight"].contiguous(), (p[pre + "ln_bias"] + fb).contiguous(),
+                               p[pre + "ln_cell_weight"].contiguous(), p[pre + "ln_cell_bias"].contiguous()))
+        else:
+            cells.append(_Cell(K, False, cfg.ln_eps, None, fb, None, None))
+    return cells[0], cells[1]
 
 
-def _cells(cfg: CellConfig, p, like: Tensor):
-    ln = cfg.layer_norm
-    main = _GatedCell(cfg.hidden_size, cfg, like, *(p[n] if ln else None for n in
-                      ("ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias")))
-    hyper = _GatedCell(cfg.hyper_size, cfg, like, *(p[n] if ln else None for n in
-                       ("hyper_ln_weight", "hyper_ln_bias", "hyper_ln_cell_weight", "hyper_ln_cell_bias")))
-    return main, hyper
+def _cell_args(cell: _Cell) -> List[Tensor]:
+    """A cell's tensors for the C++ loop: (ln_weight, shift, ln_cell_weight, ln_cell_bias)."""
+    return [t if t is not None else cell.shift for t in (cell.ln_w, cell.shift, cell.cw, cell.cb)]
 
 
-@torch._disable_dynamo  # a Python time loop, run eagerly inside torch.compile (a graph break); imports dynamo at the first call only
+def _loop_impl(x: Tensor):
+    """The built C++ extension if it runs for ``x`` (building it on first use), else None (eager)."""
+    return cpu.load() if cpu.applies(x) is None else None
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+def _eager_forward_loop(XP, HS, C, CH, A, AH, WH, Z, S, SH, lin_hh: Linear, lin_rec: Linear, bias, z_w, z_b, dwT,
+                        main: _Cell, hyper: _Cell, m_main, m_hyper, counts, keep_wh: bool):
+    """The time loop of the forward in torch ops (the C++ ``forward_loop`` step for step)."""
+    T, B = XP.shape[:2]
+    H, K, E = main.K, hyper.K, dwT.shape[1]
+    d_buf = XP.new_empty(12 * B * H)  # the step's scaling vectors (a per-call buffer: no page faults per step)
+    for t in range(T):
+        n = counts[t]
+        if n < B:  # finished sequences carry their state
+            HS[t + 1, n:], C[t + 1, n:], CH[t + 1, n:] = HS[t, n:], C[t, n:], CH[t, n:]
+        hs = HS[t, :n]
+        ah = AH[t, :n]
+        torch.add(lin_rec(hs), XP[t, :n, 4 * H:], out=ah)  # [h|ĥ] @ W_rec^T + (x W^T + hyper_bias)
+        hyper.forward(ah.view(n, 4, K), CH[t, :n], None if m_hyper is None else m_hyper[t, :n],
+                      CH[t + 1, :n], HS[t + 1, :n, H:], SH[t, :n])
+        z = torch.addmm(z_b, HS[t + 1, :n, H:], z_w.t(), out=Z[t, :n])  # [n, 12E], from the NEW ĥ
+        d = torch.bmm(z.view(n, 12, E).transpose(0, 1), dwT, out=d_buf[:12 * n * H].view(12, n, H))
+        d_x, d_h, beta = d.view(3, 4, n, H).transpose(1, 2).unbind(0)  # [n, 4, H] each
+        wh = lin_hh(hs[:, :H])
+        if keep_wh:
+            WH[t, :n] = wh
+        a = torch.add(beta, bias.view(4, H), out=A[t, :n].view(n, 4, H))
+        a.addcmul_(d_x, XP[t, :n, :4 * H].view(n, 4, H)).addcmul_(d_h, wh.view(n, 4, H))
+        main.forward(a, C[t, :n], None if m_main is None else m_main[t, :n], C[t + 1, :n], HS[t + 1, :n, :H], S[t, :n])
+
+
+def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int], m_main, m_hyper,
+             save: bool) -> List[Tensor]:
+    """[out, h, c, ĥ, ĉ] + (with ``save``) the :data:`SAVED_NAMES` tensors."""
+    T, B, X = x.shape
+    H, K, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
+    N = 4 * H + 4 * K
+    W_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]])  # [4H+4K, X]
+    xp_bias = torch.cat([p["bias"].new_zeros(4 * H), p["hyper_bias"]])
+    # the hyper cell's two recurrent matmuls as one, over [h_{t-1} | h_hat_{t-1}]
+    W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
+    lin_hh, lin_rec = Linear(p["weight_hh"], B, uses=T), Linear(W_rec, B, uses=T)
+    z_b = torch.cat([p["z_bias"], p["z_bias"].new_zeros(4 * E)])
+    dwT = p["d_weight"].transpose(1, 2).contiguous()  # [12, E, H]
+    z_wT = p["z_weight"].t().contiguous()  # [Hh, 12E]
+    main, hyper = _cells(cfg, p, x)
+
+    HS = x.new_empty(T + 1, B, H + K)  # [h_t | h_hat_t], the matmul operand of every step
+    C, CH = x.new_empty(T + 1, B, H), x.new_empty(T + 1, B, K)  # c_t, c_hat_t
+    HS[0, :, :H], C[0], HS[0, :, H:], CH[0] = state  # (h, c, ĥ, ĉ)
+    # per-step tensors: all T steps kept when training, else one step's worth reused every step
+    # (rows of finished sequences are zero, so that every output of the op is defined)
+    kept = T if save else 1
+    new = x.new_zeros if counts[-1] < B else x.new_empty
+    A, AH, WH, Z = (new(kept, B, w).expand(T, B, w) for w in (4 * H, 4 * K, 4 * H, 12 * E))
+    S = new(kept, 2, B, N_STATS if cfg.layer_norm else 0).expand(T, -1, -1, -1)
+    SH = S[:, 1]
+    ext = _loop_impl(x)
+    # The hoisted input projection of both cells (hyper bias folded in), one GEMM over many steps:
+    # all T when training (the backward reads XP), else XP_CHUNK steps at a time into one reused
+    # buffer (first touching a fresh [T, B, 4H+4Hh] buffer costs more than the GEMM; see
+    # docs/cpu_backend.md). The loop runs chunk by chunk over views of the same buffers.
+    chunk = T if save else min(T, XP_CHUNK)
+    xp_buf = x.new_empty(chunk * B, N)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        XP = torch.addmm(xp_bias, x[t0:t1].reshape(-1, X), W_x.t(), out=xp_buf[:(t1 - t0) * B]).view(-1, B, N)
+        states = (HS[t0:t1 + 1], C[t0:t1 + 1], CH[t0:t1 + 1])
+        per_step = [v[t0:t1] for v in (A, AH, WH, Z, S[:, 0], SH)]
+        masks = [None if m is None else m[t0:t1] for m in (m_main, m_hyper)]
+        if ext is not None:
+            ext.forward_loop(XP, *states, *per_step, lin_hh.arg(), lin_rec.arg(), p["bias"].contiguous(), z_wT, z_b,
+                             dwT, _cell_args(main), _cell_args(hyper), *masks, counts[t0:t1], cfg.layer_norm,
+                             cfg.ln_eps, save)
+        else:
+            _eager_forward_loop(XP, *states, *per_step, lin_hh, lin_rec, p["bias"], p["z_weight"], z_b, dwT, main,
+                                hyper, *masks, counts[t0:t1], save)
+    out = HS[1:, :, :H]
+    if counts[-1] < B:
+        alive = torch.arange(B).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)  # [T, B]
+        out = out * alive.to(out).unsqueeze(-1)
+    else:  # a copy even where the view is contiguous (T = B = 1): no output may alias another
+        out = out.clone(memory_format=torch.contiguous_format)
+    final = [HS[T, :, :H].clone(), C[T].clone(), HS[T, :, H:].clone(), CH[T].clone()]
+    return [out, *final] + ([XP, HS, C, CH, A, AH, WH, Z, S] if save else [])
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+def _eager_backward_loop(XP, C, CH, A, AH, WH, Z, S, SH, d_out, dh, dc, dhh, dch, DXP, DWH, DZ, acc: List[Tensor],
+                         lin_hh_t: Linear, lin_rec_t: Linear, z_w, dwT, main: _Cell, hyper: _Cell, m_main, m_hyper,
+                         counts):
+    """The reverse time loop in torch ops (the C++ ``backward_loop`` step for step). ``dh, dc, dhh,
+    dch`` are the carried state gradients (updated in place); ``acc``: the per-step sums (bias,
+    d_weight^T [12, E, H], then with LN the main and the hyper cell's ln_w, ln_b, ln_cw, ln_cb)."""
+    T, B = XP.shape[:2]
+    H, K, E = main.K, hyper.K, dwT.shape[1]
+    d_w = dwT.transpose(1, 2)  # [12, H, E]
+    d_buf, dd_buf = XP.new_empty(8 * B * H), XP.new_empty(12 * B * H)
+    for t in reversed(range(T)):
+        n = counts[t]
+        if d_out is not None:
+            dh[:n] += d_out[t, :n]
+        da, dg, an, dcn, ch = main.backward(dh[:n], dc[:n], A[t, :n].view(n, 4, H), S[t, :n], C[t, :n],
+                                            C[t + 1, :n], None if m_main is None else m_main[t, :n])
+        # a = d_x ⊙ xp + d_h ⊙ wh + bias + beta
+        zt = Z[t, :n].view(n, 12, E).transpose(0, 1)  # [12, n, E]
+        d = torch.bmm(zt[:8], dwT[:8], out=d_buf[:8 * n * H].view(8, n, H))
+        d_x, d_h = d.view(2, 4, n, H).transpose(1, 2).unbind(0)
+        torch.mul(da, d_x, out=DXP[t, :n, :4 * H].view(n, 4, H))
+        torch.mul(da, d_h, out=DWH[t, :n].view(n, 4, H))
+        dd = dd_buf[:12 * n * H].view(12, n, H)  # d/d(scaling vectors), paths x, h, bias
+        dd_x, dd_h, dd_b = dd.view(3, 4, n, H).transpose(1, 2).unbind(0)
+        torch.mul(da, XP[t, :n, :4 * H].view(n, 4, H), out=dd_x)
+        torch.mul(da, WH[t, :n].view(n, 4, H), out=dd_h)
+        dd_b.copy_(da)
+        dz = Z.new_empty(12, n, E)
+        torch.bmm(dd, d_w, out=dz)
+        DZ[t, :n] = dz.transpose(0, 1).reshape(n, 12 * E)
+        acc[0].add_(da.sum(0).view(4 * H))
+        acc[1].baddbmm_(zt.transpose(1, 2).to(acc[1].dtype), dd.to(acc[1].dtype))
+        dhh[:n].addmm_(DZ[t, :n], z_w)
+        da_hat, dg_h, an_h, dcn_h, ch_h = hyper.backward(dhh[:n], dch[:n], AH[t, :n].view(n, 4, K), SH[t, :n],
+                                                          CH[t, :n], CH[t + 1, :n],
+                                                          None if m_hyper is None else m_hyper[t, :n])
+        DXP[t, :n, 4 * H:] = da_hat.view(n, 4 * K)
+        if main.ln:
+            for i, (g_, a_, dn_, cn_) in enumerate(((dg, an, dcn, ch), (dg_h, an_h, dcn_h, ch_h))):
+                for j, v in enumerate(((g_ * a_).sum(0), g_.sum(0), (dn_ * cn_).sum(0), dn_.sum(0))):
+                    acc[2 + 4 * i + j].add_(v)
+        dHS = lin_rec_t(DXP[t, :n, 4 * H:])  # [n, H+K]
+        dh[:n] = lin_hh_t(DWH[t, :n]) + dHS[:, :H]
+        dhh[:n] = dHS[:, H:]
+
+
+def _backward(x: Tensor, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int], saved: List[Tensor],
+              m_main, m_hyper, d_out, d_final) -> List[Tensor]:
+    """[d x, d h0, d c0, d ĥ0, d ĉ0] + the parameter gradients (``cfg.param_names()`` order)."""
+    XP, HS, C, CH, A, AH, WH, Z, S = saved
+    S, SH = S[:, 0], S[:, 1]
+    T, B, X = x.shape
+    H, K, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
+    main, hyper = _cells(cfg, p, x)
+    dwT = p["d_weight"].transpose(1, 2).contiguous()
+    W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
+    lin_hh_t = Linear(p["weight_hh"].t().contiguous(), B, uses=T)  # d(W_hh h) @ W_hh
+    lin_rec_t = Linear(W_rec.t().contiguous(), B, uses=T)
+    dh, dc, dhh, dch = (g.clone() if g is not None else x.new_zeros(B, n) for g, n in zip(d_final, (H, H, K, K)))
+    d_out = d_out.contiguous() if d_out is not None else None
+    # per-step gradients the post-loop GEMMs consume (the loop writes every row alive; rows of
+    # finished sequences must be zero)
+    new = x.new_zeros if counts[-1] < B else x.new_empty
+    DXP = new(T, B, 4 * H + 4 * K)  # d/dXP: [d_x ⊙ da (main) | d a_hat (hyper)]
+    DWH = new(T, B, 4 * H)  # d/d(h_{t-1} W_hh^T) = d_h ⊙ da
+    DZ = new(T, B, 12 * E)
+    acc_dt = _acc_dtype(x.dtype)
+    acc = [torch.zeros(4 * H, dtype=acc_dt, device=x.device), torch.zeros(12, E, H, dtype=acc_dt, device=x.device)]
+    if cfg.layer_norm:
+        acc += [torch.zeros(s, dtype=acc_dt, device=x.device) for k in (H, K) for s in ((4, k), (4, k), (k,), (k,))]
+    ext = _loop_impl(x)
+    if ext is not None:
+        ext.backward_loop(XP, C, CH, A, AH, WH, Z, S, SH, d_out, dh, dc, dhh, dch, DXP, DWH, DZ, acc, lin_hh_t.arg(),
+                          lin_rec_t.arg(), p["z_weight"].contiguous(), dwT, _cell_args(main), _cell_args(hyper),
+                          m_main, m_hyper, counts, cfg.layer_norm, cfg.ln_eps)
+    else:
+        _eager_backward_loop(XP, C, CH, A, AH, WH, Z, S, SH, d_out, dh, dc, dhh, dch, DXP, DWH, DZ, acc, lin_hh_t,
+                             lin_rec_t, p["z_weight"], dwT, main, hyper, m_main, m_hyper, counts)
+
+    # every weight gradient that sums over time: one large matmul each
+    DXP2, TB = DXP.view(T * B, 4 * H + 4 * K), T * B
+    W_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]])
+    dx = (DXP2 @ W_x).view(T, B, X)
+    dW_x = DXP2.t() @ x.reshape(TB, X)  # [4H+4K, X]
+    dW_rec = DXP2[:, 4 * H:].t() @ HS[:T].reshape(TB, H + K)  # [4K, H+K]
+    grads = {
+        "weight_ih": dW_x[:4 * H],
+        "weight_hh": DWH.view(TB, 4 * H).t() @ HS[:T, :, :H].reshape(TB, H),
+        "bias": acc[0],
+        "hyper_weight_ih": torch.cat([dW_x[4 * H:], dW_rec[:, :H]], 1),
+        "hyper_weight_hh": dW_rec[:, H:],
+        "hyper_bias": DXP2[:, 4 * H:].sum(0),
+        "z_weight": DZ.view(TB, 12 * E).t() @ HS[1:, :, H:].reshape(TB, K),
+        "z_bias": DZ.view(TB, 12 * E)[:, :8 * E].sum(0),
+        "d_weight": acc[1].transpose(1, 2),
+    }
+    if cfg.layer_norm:
+        names = ("ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias")
+        grads.update(zip(names + tuple("hyper_" + n for n in names), acc[2:]))
+    return [dx, dh, dc, dhh, dch] + [grads[n].to(x.dtype).contiguous() for n in cfg.param_names()]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration: the sequence (forward) and its backward, one custom op each, so
+# torch.compile treats the time loop as a single opaque node (no graph break)
+# --------------------------------------------------------------------------------------------
+
+def _op_masks(x: Tensor, m_main, m_hyper, seed, p_drop, H: int, Hh: int):
+    """The op's dropout arguments as mask tensors (a seed is materialised, as the reference does)."""
+    masks = masks_from_op(m_main, m_hyper, seed, p_drop)
+    if masks is None:
+        return None, None
+    if not isinstance(masks, tuple):  # a DropoutSeed
+        masks = seeded_masks(masks, x.shape[0], x.shape[1], H, Hh, x.dtype)
+    return tuple(m.to(x.dtype).contiguous() for m in masks)
+
+
+@torch.library.custom_op("hyperkern::hyper_lstm_torch", mutates_args=())
+def hyper_lstm_torch_op(
+    x: Tensor, h0: Tensor, c0: Tensor, hh0: Tensor, ch0: Tensor, params: List[Tensor],
+    lengths: Optional[Tensor], m_main: Optional[Tensor], m_hyper: Optional[Tensor],
+    seed: Optional[Tensor], p_drop: float,
+    H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float, save: bool,
+) -> List[Tensor]:
+    """[out, h, c, ĥ, ĉ] + (``save``) the :data:`SAVED_NAMES` tensors the backward reads.
+    Recurrent dropout: the masks ``m_main, m_hyper``, or ``seed`` with drop probability
+    ``p_drop``, or neither."""
+    cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
+    p = {n: q.contiguous() for n, q in zip(cfg.param_names(), params)}
+    T, B = x.shape[:2]
+    mm, mh = _op_masks(x, m_main, m_hyper, seed, p_drop, H, Hh)
+    state = [s.to(x.dtype) for s in (h0, c0, hh0, ch0)]
+    return _forward(x.contiguous(), state, p, cfg, _active_counts(lengths, T, B), mm, mh, save)
+
+
+def _saved_shapes(T: int, B: int, X: int, H: int, Hh: int, E: int, layer_norm: bool):
+    return [(T, B, 4 * H + 4 * Hh), (T + 1, B, H + Hh), (T + 1, B, H), (T + 1, B, Hh), (T, B, 4 * H), (T, B, 4 * Hh),
+            (T, B, 4 * H), (T, B, 12 * E), (T, 2, B, N_STATS if layer_norm else 0)]
+
+
+@hyper_lstm_torch_op.register_fake
+def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
+      ln_eps, save):
+    T, B, X = x.shape
+    res = [x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)]
+    if save:
+        res += [x.new_empty(s) for s in _saved_shapes(T, B, X, H, Hh, E, layer_norm)]
+    return res
+
+
+@torch.library.custom_op("hyperkern::hyper_lstm_torch_backward", mutates_args=())
+def hyper_lstm_torch_backward_op(
+    x: Tensor, params: List[Tensor], saved: List[Tensor], lengths: Optional[Tensor], m_main: Optional[Tensor],
+    m_hyper: Optional[Tensor], seed: Optional[Tensor], p_drop: float, d_out: Optional[Tensor], dh: Optional[Tensor],
+    dc: Optional[Tensor], dhh: Optional[Tensor], dch: Optional[Tensor],
+    H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float,
+) -> List[Tensor]:
+    """[d x, d h0, d c0, d ĥ0, d ĉ0] + the parameter gradients (``cfg.param_names()`` order)."""
+    cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
+    p = {n: q.contiguous() for n, q in zip(cfg.param_names(), params)}
+    T, B = x.shape[:2]
+    mm, mh = _op_masks(x, m_main, m_hyper, seed, p_drop, H, Hh)
+    d_final = [None if g is None else g.to(x.dtype) for g in (dh, dc, dhh, dch)]
+    return _backward(x.contiguous(), p, cfg, _active_counts(lengths, T, B), list(saved), mm, mh,
+                     None if d_out is None else d_out.to(x.dtype), d_final)
+
+
+@hyper_lstm_torch_backward_op.register_fake
+def _(x, params, saved, lengths, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm,
+      forget_bias, ln_eps):
+    B = x.shape[1]
+    return [torch.empty_like(x), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)] + \
+        [torch.empty_like(q) for q in params]
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, *scalars = inputs
+    ctx.scalars = scalars[:6]
+    ctx.p_drop = p_drop
+    ctx.state_dtypes = [s.dtype for s in (h0, c0, hh0, ch0)]
+    ctx.n_params = len(params)
+    ctx.save_for_backward(x, lengths, m_main, m_hyper, seed, *params, *output[5:])
+
+
+def _backward_autograd(ctx, grads):
+    x, lengths, m_main, m_hyper, seed, *rest = ctx.saved_tensors
+    params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
+    if not saved:
+        raise RuntimeError("hyperkern::hyper_lstm_torch ran with save=False: nothing kept for the backward")
+    d_out, dh, dc, dhh, dch = grads[:5]
+    res = torch.ops.hyperkern.hyper_lstm_torch_backward(
+        x, list(params), list(saved), lengths, m_main, m_hyper, seed, ctx.p_drop, d_out, dh, dc, dhh, dch,
+        *ctx.scalars)
+    d_state = [g.to(dt) for g, dt in zip(res[1:5], ctx.state_dtypes)]
+    return (res[0], *d_state, list(res[5:])) + (None,) * 12  # lengths, m_main, m_hyper, seed, p_drop, 7 scalars
+
+
+hyper_lstm_torch_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
 def hyper_lstm_sequence(x: Tensor, state, params, cfg: CellConfig, lengths: Lengths = None, masks: Masks = None):
-    """Run one cell over ``x [T, B, X]`` (calling convention in ``common``)."""
-    T, B = x.shape[0], x.shape[1]
-    counts = tuple(_active_counts(lengths, T, B))
-    masks = mask_tensors(masks, T, B, cfg.hidden_size, cfg.hyper_size, x.dtype)
-    m_main, m_hyper = masks if masks is not None else (None, None)
+    """Run one cell over ``x [T, B, X]`` (calling convention in ``common``): one call of the custom
+    op ``hyperkern::hyper_lstm_torch``, which keeps what the backward needs only when a gradient
+    is wanted."""
+    save = needs_grad(x, state, params)
     flat = [params[n] for n in cfg.param_names()]
-    out, h, c, h_hat, c_hat = _HyperLSTMSequence.apply(x, *state, m_main, m_hyper, counts, cfg, *flat)
-    return out, (h, c, h_hat, c_hat)
+    m_main, m_hyper, seed, p_drop = masks_to_op(masks)
+    res = torch.ops.hyperkern.hyper_lstm_torch(
+        x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size, cfg.embed_size,
+        bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save)
+    return res[0], tuple(res[1:5])

@@ -13,16 +13,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import NUM_PATHS, CellConfig, Lengths, Masks
-from ..dropout import DropoutSeed
+from ..common import NUM_PATHS, CellConfig, Lengths, Masks, cell_config, needs_grad
+from ..dropout import masks_from_op, masks_to_op
 from .launch import _acc_dtype, _check_inputs, run_backward, run_sequence
-
-
-def _needs_grad(x: Tensor, state, params: Dict[str, Tensor]) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return (x.requires_grad or any(isinstance(s, Tensor) and s.requires_grad for s in state)
-            or any(isinstance(p, Tensor) and p.requires_grad for p in params.values()))
 
 
 def hyper_lstm_sequence(
@@ -35,9 +28,9 @@ def hyper_lstm_sequence(
     also returns every step's state, P, G, Â and z (or only the states, :class:`recompute`), and
     its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``)."""
     _check_inputs(x, state, params, cfg, lengths, masks)
-    save = (2 if RECOMPUTE else 1) if _needs_grad(x, state, params) else 0
+    save = (2 if RECOMPUTE else 1) if needs_grad(x, state, params) else 0
     flat = [params[n] for n in cfg.param_names()]
-    m_main, m_hyper, seed, p_drop = _masks_to_op(masks)
+    m_main, m_hyper, seed, p_drop = masks_to_op(masks)
     res = torch.ops.hyperkern.hyper_lstm_triton(
         x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size, cfg.embed_size,
         bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save)
@@ -75,10 +68,6 @@ class recompute:
         return False
 
 
-def _cfg_of(X: int, H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float) -> CellConfig:
-    return CellConfig(X, H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps))
-
-
 def _saved_shapes(T, B, H, Hh, E):
     return {"H": (T + 1, B, H), "C": (T + 1, B, H), "HH": (T + 1, B, Hh), "CH": (T + 1, B, Hh),
             "P": (T, B, 4 * H), "G": (T, B, 4 * H), "AH": (T, B, 4 * Hh), "Z": (T, B, NUM_PATHS * E),
@@ -95,10 +84,10 @@ def hyper_lstm_triton_op(
     """[out, h, c, ĥ, ĉ] + what the backward needs: nothing (``save=0``, inference), every step's
     tensors (1: :data:`SAVED_NAMES`) or only every step's states (2, recompute mode:
     :data:`SAVED_NAMES_STATES`). Recurrent dropout: the masks ``m_main, m_hyper``, or ``seed`` with
-    drop probability ``p_drop`` (see :func:`_masks_to_op`), or neither."""
-    cfg = _cfg_of(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
+    drop probability ``p_drop`` (see :func:`..dropout.masks_to_op`), or neither."""
+    cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
-    masks = _masks_from_op(m_main, m_hyper, seed, p_drop)
+    masks = masks_from_op(m_main, m_hyper, seed, p_drop)
     mode = {0: False, 1: "full", 2: "states"}[int(save)]
     out, final, buf = run_sequence(x, (h0, c0, hh0, ch0), p, cfg, lengths, masks, save=mode)
     res = [out] + [f.clone() for f in final]  # never alias another output
@@ -126,10 +115,10 @@ def hyper_lstm_triton_backward_op(
     dhh: Optional[Tensor], dch: Optional[Tensor], H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float,
 ) -> List[Tensor]:
     """[d x, d h0, d c0, d ĥ0, d ĉ0] + the parameter gradients (``cfg.param_names()`` order)."""
-    cfg = _cfg_of(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
+    cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
     sv = dict(zip(SAVED_NAMES if len(saved) == len(SAVED_NAMES) else SAVED_NAMES_STATES, saved))
-    sv["masks"] = _masks_from_op(m_main, m_hyper, seed, p_drop)
+    sv["masks"] = masks_from_op(m_main, m_hyper, seed, p_drop)
     dx, d_state, grads, _ = run_backward(x, p, cfg, sv, d_out, (dh, dc, dhh, dch))
     return [dx, *d_state] + [grads[n] for n in cfg.param_names()]
 
@@ -164,21 +153,6 @@ def _backward(ctx, grads):
         x, list(params), list(saved), m_main, m_hyper, seed, ctx.p_drop, d_out, dh, dc, dhh, dch, *ctx.scalars)
     d_state = [g.to(dt) for g, dt in zip(res[1:5], ctx.state_dtypes)]
     return (res[0], *d_state, list(res[5:])) + (None,) * 12  # lengths, m_main, m_hyper, seed, p_drop, 7 scalars
-
-
-def _masks_to_op(masks):
-    """A backend's ``masks`` as the op's ``(m_main, m_hyper, seed, p_drop)`` arguments."""
-    if isinstance(masks, DropoutSeed):
-        return None, None, masks.seed, float(masks.p)
-    if masks is None:
-        return None, None, None, 0.0
-    return masks[0], masks[1], None, 0.0
-
-
-def _masks_from_op(m_main, m_hyper, seed, p_drop):
-    if seed is not None:
-        return DropoutSeed(seed, float(p_drop))
-    return None if m_main is None else (m_main, m_hyper)
 
 
 hyper_lstm_triton_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,574 @@
+// The torch backend's time loop in C++ (forward and BPTT backward), built at first use by
+// hyperkern/ops/hyper_lstm/cpu/__init__.py with torch.utils.cpp_extension.
+//
+// fused_torch.py keeps everything around the loop (the hoisted x-projection GEMM, the buffers,
+// the post-loop weight-gradient GEMMs); these two functions are its loop bodies, step for step the
+// same as its eager Python loops (_eager_forward_loop / _eager_backward_loop), with the same buffers:
+//
+//   forward step t:  2 GEMMs (the chosen variant, see Gemm), then ONE parallel pass over the rows
+//                    alive: hyper cell -> z -> the 12 scaling vectors (never stored) -> main cell.
+//   backward step t: ONE parallel pass over chunks of ROWS rows (main cell, d/dz, hyper cell, then
+//                    the chunk's share of every sum over the batch), then 2 GEMMs.
+//
+// Gate maths (per-gate LN, update, LN(c), h) is written once (Cell::forward / Cell::backward) for
+// both cells, vectorised with ATen's Vectorized<T> over the K features of all four gates at once.
+// Every reduction runs in a fixed order inside one thread, and the batch sums go through fixed
+// chunks of rows (see ROWS), so results are bitwise repeatable, whatever the thread count.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: y = x @ W^T with the variant hyperkern/ops/hyper_lstm/cpu/gemm.py measured fastest.
+// ---------------------------------------------------------------------------------------------
+
+struct Gemm {
+  int64_t kind;   // 0: plain mm, 1: MKL-packed, 2: oneDNN-prepacked
+  Tensor w;       // [out, in], the weight as it is
+  Tensor packed;  // the packed weight (kinds 1 and 2)
+  int64_t batch;  // the batch size it was packed for (kind 1's argument)
+
+  // x [n, in] -> [n, out]; kind 0 writes into `out` (a [n, out] buffer), the others allocate.
+  Tensor operator()(const Tensor& x, Tensor out) const {
+    if (kind == 1) {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mkl::_mkl_linear", "")
+                           .typed<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                         const std::optional<Tensor>&, int64_t)>();
+      return op.call(x.contiguous(), packed, w, std::nullopt, batch);
+    }
+    if (kind == 2) {
+      static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+      torch::jit::Stack stack{x.contiguous(), packed, c10::IValue(), c10::IValue(std::string("none")),
+                              c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue(std::string(""))};
+      op.callBoxed(&stack);
+      return stack[0].toTensor();
+    }
+    return at::mm_out(out, x, w.t());
+  }
+};
+
+using GemmArg = std::tuple<int64_t, Tensor, std::optional<Tensor>, int64_t>;  // gemm.Linear.arg()
+
+Gemm make_gemm(const GemmArg& g) {
+  return Gemm{std::get<0>(g), std::get<1>(g), std::get<2>(g).value_or(Tensor()), std::get<3>(g)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector helpers
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// f(j, count) over [0, n) in vector-sized pieces (the last one partial)
+template <typename T, typename F>
+inline void vfor(int64_t n, const F& f) {
+  constexpr int64_t W = Vec<T>::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) f(j, W);
+  if (j < n) f(j, n - j);
+}
+
+template <typename T>
+inline Vec<T> ld(const T* p, int64_t count) {
+  return Vec<T>::loadu(p, count);  // lanes past count are 0
+}
+
+// lanes past count set to 0 (so a partial vector adds nothing to a sum)
+template <typename T>
+inline Vec<T> head(const Vec<T>& v, int64_t count) {
+  return count == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, count);
+}
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {  // a fixed shuffle tree: deterministic
+  return at::vec::vec_reduce_all<T>([](const Vec<T>& x, const Vec<T>& y) { return x + y; }, v);
+}
+
+// σ and tanh from one exp each (Sleef's exp, 1 ulp): Sleef's own tanh costs ~4x an exp here
+// (AVX-512, fp32: 23 ns against 6 ns per vector), and this form keeps the absolute error at a few
+// ulp of 1 (it saturates cleanly: exp overflowing to inf gives 0 / ±1)
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+
+template <typename T>
+inline Vec<T> tanh_(const Vec<T>& x) {  // 2 σ(2x) - 1
+  const Vec<T> one(T(1)), two(T(2));
+  return two / (one + (x * Vec<T>(T(-2))).exp()) - one;
+}
+
+// mean and 1/sqrt(biased var + eps) of p[0:K], two passes (SPEC's LN)
+template <typename T>
+inline void ln_stats(const T* p, int64_t K, T eps, T& mean, T& rstd) {
+  Vec<T> acc(T(0));
+  vfor<T>(K, [&](int64_t j, int64_t c) { acc += ld(p + j, c); });
+  mean = hsum(acc) / T(K);
+  Vec<T> acc2(T(0));
+  const Vec<T> m(mean);
+  vfor<T>(K, [&](int64_t j, int64_t c) {
+    Vec<T> d = head(ld(p + j, c) - m, c);
+    acc2 += d * d;
+  });
+  rstd = T(1) / std::sqrt(hsum(acc2) / T(K) + eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One gated cell (main: K = H, hyper: K = Hh), one row. Gate order i, f, g, o.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Cell {
+  int64_t K;
+  bool ln;
+  T eps;
+  const T* ln_w;   // [4, K] (ln)
+  const T* shift;  // [4, K]: the LN bias with forget_bias added on f (ln), or forget_bias on f only
+  const T* cw;     // [K] LN(c) weight, bias (ln)
+  const T* cb;
+
+  // the post-LN gate values of all 4 gates at columns [j, j+c)
+  inline void gates(const T* a, const T* mean, const T* rstd, int64_t j, int64_t c, Vec<T> g[4]) const {
+    for (int y = 0; y < 4; ++y) {
+      Vec<T> v = ld(a + y * K + j, c);
+      if (ln) v = (v - Vec<T>(mean[y])) * Vec<T>(rstd[y]) * ld(ln_w + y * K + j, c);
+      g[y] = v + ld(shift + y * K + j, c);
+    }
+  }
+
+  // a [4K] pre-activations, c_prev [K], mask [K] or null -> c [K], h [K]; stats [10]:
+  // per-gate mean[4], rstd[4], LN(c) mean, rstd (written with ln only)
+  void forward(const T* a, const T* c_prev, const T* mask, T* c, T* h, T* stats) const {
+    T mean[4] = {0, 0, 0, 0}, rstd[4] = {1, 1, 1, 1};
+    if (ln)
+      for (int y = 0; y < 4; ++y) ln_stats(a + y * K, K, eps, mean[y], rstd[y]);
+    vfor<T>(K, [&](int64_t j, int64_t n) {
+      Vec<T> g[4];
+      gates(a, mean, rstd, j, n, g);
+      Vec<T> tg = tanh_(g[2]);
+      if (mask) tg = tg * ld(mask + j, n);
+      (sigmoid(g[1]) * ld(c_prev + j, n) + sigmoid(g[0]) * tg).store(c + j, n);
+      sigmoid(g[3]).store(h + j, n);  // σ(o), times tanh(LN(c)) below
+    });
+    T cm = 0, cr = 1;
+    if (ln) {
+      ln_stats(c, K, eps, cm, cr);
+      for (int y = 0; y < 4; ++y) stats[y] = mean[y], stats[4 + y] = rstd[y];
+      stats[8] = cm, stats[9] = cr;
+    }
+    vfor<T>(K, [&](int64_t j, int64_t n) {
+      Vec<T> cn = ld(c + j, n);
+      if (ln) cn = (cn - Vec<T>(cm)) * Vec<T>(cr) * ld(cw + j, n) + ld(cb + j, n);
+      (ld(h + j, n) * tanh_(cn)).store(h + j, n);
+    });
+  }
+
+  // Backward of forward() for one row, activations recomputed from a and stats.
+  // dh [K]: d h_t (total); dc [K]: d c_t in, d c_{t-1} out. Writes da [4K] (d pre-activations),
+  // dcn [K] (d LN(c), for the LN(c) affine gradients) and, with ln, dg [4K] (d post-LN gates).
+  void backward(const T* dh, T* dc, const T* a, const T* stats, const T* c_prev, const T* c,
+                const T* mask, T* da, T* dg, T* dcn) const {
+    T mean[4] = {0, 0, 0, 0}, rstd[4] = {1, 1, 1, 1}, cm = 0, cr = 1;
+    if (ln) {
+      for (int y = 0; y < 4; ++y) mean[y] = stats[y], rstd[y] = stats[4 + y];
+      cm = stats[8], cr = stats[9];
+    }
+    const Vec<T> one(T(1));
+    // σ(o) and tanh(LN(c)) wait in da's first two slots until pass 2 (da is written in pass 2
+    // without ln, column by column after reading them, in pass 3 with it)
+    T *so_buf = da, *tc_buf = da + K;
+    // pass 1: d LN(c) = dh σ(o) (1 - tanh²), and the two sums LN(c)'s backward needs
+    Vec<T> s1(T(0)), s2(T(0));
+    vfor<T>(K, [&](int64_t j, int64_t n) {
+      Vec<T> go = ld(a + 3 * K + j, n);
+      if (ln) go = (go - Vec<T>(mean[3])) * Vec<T>(rstd[3]) * ld(ln_w + 3 * K + j, n);
+      Vec<T> so = sigmoid(go + ld(shift + 3 * K + j, n));
+      Vec<T> ch = ld(c + j, n), cn = ch;
+      if (ln) {
+        ch = (ch - Vec<T>(cm)) * Vec<T>(cr);
+        cn = ch * ld(cw + j, n) + ld(cb + j, n);
+      }
+      Vec<T> tc = tanh_(cn);
+      Vec<T> d = ld(dh + j, n) * so * (one - tc * tc);
+      d.store(dcn + j, n);
+      so.store(so_buf + j, n);
+      tc.store(tc_buf + j, n);
+      if (ln) {
+        Vec<T> dw = head(d * ld(cw + j, n), n);
+        s1 += dw;
+        s2 += dw * ch;
+      }
+    });
+    const T m1 = hsum(s1) / T(K), m2 = hsum(s2) / T(K);
+    // pass 2: d c (total), d c_{t-1}, the gate derivatives (and their LN sums)
+    Vec<T> t1[4], t2[4];
+    for (int y = 0; y < 4; ++y) t1[y] = t2[y] = Vec<T>(T(0));
+    T* dgate = ln ? dg : da;
+    vfor<T>(K, [&](int64_t j, int64_t n) {
+      Vec<T> g[4];
+      gates(a, mean, rstd, j, n, g);
+      Vec<T> si = sigmoid(g[0]), sf = sigmoid(g[1]), tg = tanh_(g[2]);
+      Vec<T> so = ld(so_buf + j, n), tc = ld(tc_buf + j, n);
+      Vec<T> m = mask ? ld(mask + j, n) : one;
+      Vec<T> dcv = ld(dcn + j, n);
+      if (ln) {
+        Vec<T> ch = (ld(c + j, n) - Vec<T>(cm)) * Vec<T>(cr);
+        dcv = Vec<T>(cr) * (dcv * ld(cw + j, n) - Vec<T>(m1) - ch * Vec<T>(m2));
+      }
+      Vec<T> dct = ld(dc + j, n) + dcv, dhv = ld(dh + j, n);
+      Vec<T> d[4] = {dct * tg * m * si * (one - si), dct * ld(c_prev + j, n) * sf * (one - sf),
+                     dct * si * m * (one - tg * tg), dhv * tc * so * (one - so)};
+      (dct * sf).store(dc + j, n);
+      for (int y = 0; y < 4; ++y) {
+        d[y].store(dgate + y * K + j, n);
+        if (ln) {
+          Vec<T> dw = head(d[y] * ld(ln_w + y * K + j, n), n);
+          Vec<T> an = (ld(a + y * K + j, n) - Vec<T>(mean[y])) * Vec<T>(rstd[y]);
+          t1[y] += dw;
+          t2[y] += dw * an;
+        }
+      }
+    });
+    if (!ln) return;
+    // pass 3: through the per-gate LN
+    for (int y = 0; y < 4; ++y) {
+      const Vec<T> u1(hsum(t1[y]) / T(K)), u2(hsum(t2[y]) / T(K)), r(rstd[y]), mu(mean[y]);
+      vfor<T>(K, [&](int64_t j, int64_t n) {
+        Vec<T> an = (ld(a + y * K + j, n) - mu) * r;
+        Vec<T> dw = ld(dg + y * K + j, n) * ld(ln_w + y * K + j, n);
+        (r * (dw - u1 - an * u2)).store(da + y * K + j, n);
+      });
+    }
+  }
+};
+
+template <typename T>
+Cell<T> make_cell(int64_t K, bool ln, double eps, const Tensor& ln_w, const Tensor& shift, const Tensor& cw,
+                  const Tensor& cb) {
+  return Cell<T>{K, ln, T(eps), ln ? ln_w.data_ptr<T>() : nullptr, shift.data_ptr<T>(),
+                 ln ? cw.data_ptr<T>() : nullptr, ln ? cb.data_ptr<T>() : nullptr};
+}
+
+// the scaling vectors of gate y at columns [j, j+c): d_k = z_k @ d_weight[k]^T, dwT = [12, E, H]
+template <typename T>
+inline void scaling(const T* z, const T* dwT, int64_t E, int64_t H, int y, int64_t j, int64_t c, Vec<T>& dx,
+                    Vec<T>& dh, Vec<T>& beta) {
+  dx = dh = beta = Vec<T>(T(0));
+  for (int64_t e = 0; e < E; ++e) {
+    dx = at::vec::fmadd(Vec<T>(z[y * E + e]), ld(dwT + (y * E + e) * H + j, c), dx);
+    dh = at::vec::fmadd(Vec<T>(z[(4 + y) * E + e]), ld(dwT + ((4 + y) * E + e) * H + j, c), dh);
+    beta = at::vec::fmadd(Vec<T>(z[(8 + y) * E + e]), ld(dwT + ((8 + y) * E + e) * H + j, c), beta);
+  }
+}
+
+inline int64_t row_grain(int64_t work_per_row) {  // rows per task: ~16K elements of work at least
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_row));
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward loop
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Tensor& CH, const Tensor& A,
+                  const Tensor& AH, const Tensor& WH, const Tensor& Z, const Tensor& S, const Tensor& SH,
+                  const Gemm& g_hh, const Gemm& g_rec, const Tensor& bias, const Tensor& z_wT, const Tensor& z_b,
+                  const Tensor& dwT, const Cell<T>& main, const Cell<T>& hyper,
+                  const std::optional<Tensor>& m_main, const std::optional<Tensor>& m_hyper,
+                  const std::vector<int64_t>& counts, bool keep_wh) {
+  const int64_t T_ = XP.size(0), B = XP.size(1), H = main.K, K = hyper.K, E = dwT.size(1);
+  const int64_t NX = XP.size(2), NS = HS.size(2);
+  Tensor gh_buf = at::empty({B, 4 * K}, XP.options()), wh_buf = at::empty({B, 4 * H}, XP.options());
+  // h_t once more, contiguous: the main GEMM's operand (HS's rows are [h | ĥ])
+  Tensor h_buf = HS[0].narrow(1, 0, H).clone(at::MemoryFormat::Contiguous);  // (never a view of HS)
+  T* hb = h_buf.data_ptr<T>();
+  const T *bias_p = bias.data_ptr<T>(), *zwT = z_wT.data_ptr<T>(), *zb = z_b.data_ptr<T>(), *dw = dwT.data_ptr<T>();
+  const T *mm_p = ptr_or_null<T>(m_main), *mh_p = ptr_or_null<T>(m_hyper);
+  for (int64_t t = 0; t < T_; ++t) {
+    const int64_t n = counts[t];
+    if (n < B) {  // finished sequences carry their state
+      HS[t + 1].narrow(0, n, B - n).copy_(HS[t].narrow(0, n, B - n));
+      C[t + 1].narrow(0, n, B - n).copy_(C[t].narrow(0, n, B - n));
+      CH[t + 1].narrow(0, n, B - n).copy_(CH[t].narrow(0, n, B - n));
+    }
+    Tensor hs = HS[t].narrow(0, 0, n);
+    Tensor gh = g_rec(hs, gh_buf.narrow(0, 0, n)).contiguous();                    // [h|ĥ] @ W_rec^T
+    Tensor wh = g_hh(h_buf.narrow(0, 0, n), wh_buf.narrow(0, 0, n)).contiguous();  // h @ W_hh^T
+    const T *gh_p = gh.data_ptr<T>(), *wh_p = wh.data_ptr<T>(), *xp = XP[t].data_ptr<T>();
+    T *hs1 = HS[t + 1].data_ptr<T>(), *c0 = C[t].data_ptr<T>(), *c1 = C[t + 1].data_ptr<T>();
+    T *ch0 = CH[t].data_ptr<T>(), *ch1 = CH[t + 1].data_ptr<T>(), *a = A[t].data_ptr<T>(), *ah = AH[t].data_ptr<T>();
+    T *whs = WH[t].data_ptr<T>(), *z = Z[t].data_ptr<T>(), *s = S[t].data_ptr<T>(), *sh = SH[t].data_ptr<T>();
+    const int64_t ns = S.size(2);
+    const T *mm = mm_p ? mm_p + t * B * H : nullptr, *mh = mh_p ? mh_p + t * B * K : nullptr;
+    RECORD_FUNCTION("hyper_lstm_cpu::forward_rows", std::vector<c10::IValue>());  // a torch.profiler range
+    at::parallel_for(0, n, row_grain(24 * H), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        // hyper cell: â = [h|ĥ] W_rec^T + (x W^T + hyper_bias)
+        const T* xpb = xp + b * NX;
+        T* ahb = ah + b * 4 * K;
+        vfor<T>(4 * K, [&](int64_t j, int64_t c) {
+          (ld(gh_p + b * 4 * K + j, c) + ld(xpb + 4 * H + j, c)).store(ahb + j, c);
+        });
+        T* hh = hs1 + b * NS + H;
+        hyper.forward(ahb, ch0 + b * K, mh ? mh + b * K : nullptr, ch1 + b * K, hh, sh + b * ns);
+        // z = [z_bias; 0] + ĥ_t z_w^T, vectorised over the 12E outputs (z_wT = z_w^T, [K, 12E])
+        T* zr = z + b * 12 * E;
+        std::copy(zb, zb + 12 * E, zr);
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec<T> hk(hh[k]);
+          vfor<T>(12 * E, [&](int64_t m, int64_t c) { at::vec::fmadd(hk, ld(zwT + k * 12 * E + m, c), ld(zr + m, c)).store(zr + m, c); });
+        }
+        // main pre-activations a_y = d_x ⊙ (x W_x^T) + d_h ⊙ (h W_h^T) + bias + beta
+        const T* whb = wh_p + b * 4 * H;
+        T* ab = a + b * 4 * H;
+        for (int y = 0; y < 4; ++y) {
+          vfor<T>(H, [&](int64_t j, int64_t c) {
+            Vec<T> dx, dh, beta;
+            scaling(zr, dw, E, H, y, j, c, dx, dh, beta);
+            const int64_t o = y * H + j;
+            Vec<T> w = ld(whb + o, c);
+            if (keep_wh) w.store(whs + b * 4 * H + o, c);
+            (dx * ld(xpb + o, c) + dh * w + ld(bias_p + o, c) + beta).store(ab + o, c);
+          });
+        }
+        main.forward(ab, c0 + b * H, mm ? mm + b * H : nullptr, c1 + b * H, hs1 + b * NS, s + b * ns);
+        std::copy(hs1 + b * NS, hs1 + b * NS + H, hb + b * H);
+      }
+    });
+  }
+}
+
+void forward_loop(const Tensor& XP, const Tensor& HS, const Tensor& C, const Tensor& CH, const Tensor& A,
+                  const Tensor& AH, const Tensor& WH, const Tensor& Z, const Tensor& S, const Tensor& SH,
+                  const GemmArg& g_hh, const GemmArg& g_rec, const Tensor& bias, const Tensor& z_wT,
+                  const Tensor& z_b, const Tensor& dwT, const std::vector<Tensor>& main_p,
+                  const std::vector<Tensor>& hyper_p, const std::optional<Tensor>& m_main,
+                  const std::optional<Tensor>& m_hyper, const std::vector<int64_t>& counts, bool layer_norm,
+                  double eps, bool keep_wh) {
+  // main_p / hyper_p: (ln_weight, shift, ln_cell_weight, ln_cell_bias); see Cell
+  AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "hyper_lstm_forward_loop", [&] {
+    auto main = make_cell<scalar_t>(C.size(2), layer_norm, eps, main_p[0], main_p[1], main_p[2], main_p[3]);
+    auto hyper = make_cell<scalar_t>(CH.size(2), layer_norm, eps, hyper_p[0], hyper_p[1], hyper_p[2], hyper_p[3]);
+    forward_impl<scalar_t>(XP, HS, C, CH, A, AH, WH, Z, S, SH, make_gemm(g_hh), make_gemm(g_rec), bias, z_wT, z_b,
+                           dwT, main, hyper, m_main, m_hyper, counts, keep_wh);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward loop (reverse time)
+// ---------------------------------------------------------------------------------------------
+
+// The batch sums of the backward (bias, d_weight, LN affine) are kept per CHUNK of ROWS rows:
+// each step, the thread that ran a chunk's rows adds their terms (rows in order) into that chunk's
+// own partial sums; after the loop the partials are added in chunk order. The result depends on
+// neither the thread count nor the scheduling, and no batch sum needs a second pass over
+// memory written by another core.
+constexpr int64_t ROWS = 8;
+
+// Offsets into one chunk's partial sums: bias [4H], d_weight^T [12, E, H], then (ln) the main
+// cell's ln_w, ln_b [4H each], ln_cw, ln_cb [H each], and the hyper cell's the same with K.
+struct Partials {
+  int64_t H, K, E, size, ln_main, ln_hyper;
+  Partials(int64_t H_, int64_t K_, int64_t E_, bool ln) : H(H_), K(K_), E(E_) {
+    ln_main = 4 * H + 12 * E * H;
+    ln_hyper = ln_main + 10 * H;
+    size = ln ? ln_hyper + 10 * K : ln_main;
+  }
+};
+
+// Adds the batch sums of rows [b0, b1) into `part`: bias and d_weight (main cell), and with ln
+// the LN affine sums of both cells.
+template <typename T>
+void add_chunk_sums(const Partials& L, bool ln, int64_t b0, int64_t b1, const T* da, const T* xp, int64_t NX,
+                    const T* whs, const T* z, const T* a, const T* dg, const T* s, const T* c1, const T* dcn,
+                    const T* ah, const T* dgh, const T* sh, const T* ch1, const T* dcnh, int64_t ns,
+                    std::vector<Vec<T>>& acc, T* part) {
+  const int64_t H = L.H, K = L.K, E = L.E;
+  for (int y = 0; y < 4; ++y) {
+    vfor<T>(H, [&](int64_t j, int64_t c) {
+      const int64_t o = y * H + j;
+      for (auto& v : acc) v = Vec<T>(T(0));  // [0]: bias, [1 + p E + e]: d_weight path p
+      for (int64_t b = b0; b < b1; ++b) {
+        Vec<T> dav = ld(da + b * 4 * H + o, c);
+        Vec<T> dd[3] = {dav * ld(xp + b * NX + o, c), dav * ld(whs + b * 4 * H + o, c), dav};
+        const T* zr = z + b * 12 * E;
+        acc[0] += dav;
+        for (int p = 0; p < 3; ++p)
+          for (int64_t e = 0; e < E; ++e)
+            acc[1 + p * E + e] = at::vec::fmadd(dd[p], Vec<T>(zr[(4 * p + y) * E + e]), acc[1 + p * E + e]);
+      }
+      (ld(part + o, c) + acc[0]).store(part + o, c);
+      for (int p = 0; p < 3; ++p)
+        for (int64_t e = 0; e < E; ++e) {
+          T* dst = part + 4 * H + ((4 * p + y) * E + e) * H + j;
+          (ld(dst, c) + acc[1 + p * E + e]).store(dst, c);
+        }
+    });
+  }
+  if (!ln) return;
+  // Σ d(post-LN) · (normalised input), Σ d(post-LN): per gate (stats slot y, 4 + y) and for LN(c) (8, 9)
+  auto ln_sums = [&](int64_t Kc, const T* pre, const T* dpost, const T* st, const T* cval, const T* dcv, T* dst) {
+    for (int y = 0; y < 5; ++y) {
+      const bool cell = y == 4;
+      const int64_t stride = cell ? Kc : 4 * Kc, off = cell ? 0 : y * Kc;
+      const T *val = cell ? cval : pre, *dv = cell ? dcv : dpost;
+      const int im = cell ? 8 : y, ir = cell ? 9 : 4 + y;
+      T* dw_ = dst + (cell ? 8 * Kc : y * Kc);
+      T* db_ = dst + (cell ? 9 * Kc : 4 * Kc + y * Kc);
+      vfor<T>(Kc, [&](int64_t j, int64_t c) {
+        Vec<T> gw(T(0)), gb(T(0));
+        for (int64_t b = b0; b < b1; ++b) {
+          Vec<T> d = ld(dv + b * stride + off + j, c);
+          gw += d * (ld(val + b * stride + off + j, c) - Vec<T>(st[b * ns + im])) * Vec<T>(st[b * ns + ir]);
+          gb += d;
+        }
+        (ld(dw_ + j, c) + gw).store(dw_ + j, c);
+        (ld(db_ + j, c) + gb).store(db_ + j, c);
+      });
+    }
+  };
+  ln_sums(H, a, dg, s, c1, dcn, part + L.ln_main);
+  ln_sums(K, ah, dgh, sh, ch1, dcnh, part + L.ln_hyper);
+}
+
+template <typename T>
+void backward_impl(const Tensor& XP, const Tensor& C, const Tensor& CH, const Tensor& A,
+                   const Tensor& AH, const Tensor& WH, const Tensor& Z, const Tensor& S, const Tensor& SH,
+                   const std::optional<Tensor>& d_out, const Tensor& dh_c, const Tensor& dc_c, const Tensor& dhh_c,
+                   const Tensor& dch_c, const Tensor& DXP, const Tensor& DWH, const Tensor& DZ,
+                   const std::vector<Tensor>& acc, const Gemm& g_hh_t, const Gemm& g_rec_t, const Tensor& z_w,
+                   const Tensor& dwT, const Cell<T>& main, const Cell<T>& hyper,
+                   const std::optional<Tensor>& m_main, const std::optional<Tensor>& m_hyper,
+                   const std::vector<int64_t>& counts) {
+  const int64_t T_ = XP.size(0), B = XP.size(1), H = main.K, K = hyper.K, E = dwT.size(1);
+  const int64_t NX = XP.size(2), ns = S.size(2);
+  const bool ln = main.ln;
+  const auto opt = XP.options();
+  // per-step scratch: d pre-activations, d post-LN gates and d LN(c) of both cells
+  Tensor DA = at::empty({B, 4 * H}, opt), DG = at::empty({B, 4 * H}, opt), DCN = at::empty({B, H}, opt);
+  Tensor DAH = at::empty({B, 4 * K}, opt), DGH = at::empty({B, 4 * K}, opt), DCNH = at::empty({B, K}, opt);
+  Tensor dhs_buf = at::empty({B, H + K}, opt), dh_buf = at::empty({B, H}, opt);
+  T *da = DA.data_ptr<T>(), *dg = DG.data_ptr<T>(), *dcn = DCN.data_ptr<T>();
+  T *dah = DAH.data_ptr<T>(), *dgh = DGH.data_ptr<T>(), *dcnh = DCNH.data_ptr<T>();
+  T *dh_p = dh_c.data_ptr<T>(), *dc_p = dc_c.data_ptr<T>(), *dhh_p = dhh_c.data_ptr<T>(), *dch_p = dch_c.data_ptr<T>();
+  const T *zw = z_w.data_ptr<T>(), *dw = dwT.data_ptr<T>();
+  const T *mm_p = ptr_or_null<T>(m_main), *mh_p = ptr_or_null<T>(m_hyper);
+  const Partials L(H, K, E, ln);
+  Tensor part = at::zeros({(B + ROWS - 1) / ROWS, L.size}, opt);
+  T* part_p = part.data_ptr<T>();
+
+  for (int64_t t = T_ - 1; t >= 0; --t) {
+    const int64_t n = counts[t];
+    const T *xp = XP[t].data_ptr<T>(), *a = A[t].data_ptr<T>(), *ah = AH[t].data_ptr<T>();
+    const T *whs = WH[t].data_ptr<T>(), *z = Z[t].data_ptr<T>(), *s = S[t].data_ptr<T>(), *sh = SH[t].data_ptr<T>();
+    const T *c0 = C[t].data_ptr<T>(), *c1 = C[t + 1].data_ptr<T>(), *ch0 = CH[t].data_ptr<T>(), *ch1 = CH[t + 1].data_ptr<T>();
+    const T *mm = mm_p ? mm_p + t * B * H : nullptr, *mh = mh_p ? mh_p + t * B * K : nullptr;
+    T *dxp = DXP[t].data_ptr<T>(), *dwh = DWH[t].data_ptr<T>(), *dz = DZ[t].data_ptr<T>();
+    const T* dout = d_out.has_value() ? d_out->data_ptr<T>() + t * B * H : nullptr;  // d out[t], if any
+    // ---- per chunk of rows: main cell, d/dz, d/dĥ, hyper cell; then the chunk's batch sums ----
+    {
+    RECORD_FUNCTION("hyper_lstm_cpu::backward_rows", std::vector<c10::IValue>());
+    at::parallel_for(0, (n + ROWS - 1) / ROWS, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<Vec<T>> dzacc(12 * E), sums(3 * E + 1);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t r0 = k * ROWS, r1 = std::min(n, r0 + ROWS);
+        for (int64_t b = r0; b < r1; ++b) {
+          T* dhb = dh_p + b * H;
+          if (dout) vfor<T>(H, [&](int64_t j, int64_t c) { (ld(dhb + j, c) + ld(dout + b * H + j, c)).store(dhb + j, c); });
+          T* dab = da + b * 4 * H;
+          main.backward(dhb, dc_p + b * H, a + b * 4 * H, s + b * ns, c0 + b * H, c1 + b * H,
+                        mm ? mm + b * H : nullptr, dab, dg + b * 4 * H, dcn + b * H);
+          // a = d_x ⊙ xp + d_h ⊙ wh + bias + beta: d xp, d wh, and d z through the scaling vectors
+          const T *zr = z + b * 12 * E, *xpb = xp + b * NX, *whb = whs + b * 4 * H;
+          for (auto& v : dzacc) v = Vec<T>(T(0));
+          for (int y = 0; y < 4; ++y) {
+            vfor<T>(H, [&](int64_t j, int64_t c) {
+              const int64_t o = y * H + j;
+              Vec<T> dx, dh, beta, dav = ld(dab + o, c);
+              scaling(zr, dw, E, H, y, j, c, dx, dh, beta);
+              (dav * dx).store(dxp + b * NX + o, c);
+              (dav * dh).store(dwh + b * 4 * H + o, c);
+              Vec<T> dd[3] = {dav * ld(xpb + o, c), dav * ld(whb + o, c), dav};
+              for (int p = 0; p < 3; ++p)
+                for (int64_t e = 0; e < E; ++e) {
+                  Vec<T>& acc_ = dzacc[(4 * p + y) * E + e];
+                  acc_ = at::vec::fmadd(dd[p], ld(dw + ((4 * p + y) * E + e) * H + j, c), acc_);
+                }
+            });
+          }
+          T* dzr = dz + b * 12 * E;
+          for (int64_t m = 0; m < 12 * E; ++m) dzr[m] = hsum(dzacc[m]);
+          // d ĥ_t = carried + dz z_w
+          T* dhhb = dhh_p + b * K;
+          for (int64_t m = 0; m < 12 * E; ++m) {
+            const Vec<T> dm(dzr[m]);
+            vfor<T>(K, [&](int64_t j, int64_t c) { at::vec::fmadd(dm, ld(zw + m * K + j, c), ld(dhhb + j, c)).store(dhhb + j, c); });
+          }
+          hyper.backward(dhhb, dch_p + b * K, ah + b * 4 * K, sh + b * ns, ch0 + b * K, ch1 + b * K,
+                         mh ? mh + b * K : nullptr, dah + b * 4 * K, dgh + b * 4 * K, dcnh + b * K);
+          std::copy(dah + b * 4 * K, dah + (b + 1) * 4 * K, dxp + b * NX + 4 * H);
+        }
+        add_chunk_sums<T>(L, ln, r0, r1, da, xp, NX, whs, z, a, dg, s, c1, dcn, ah, dgh, sh, ch1, dcnh, ns, sums,
+                          part_p + k * L.size);
+      }
+    });
+    }
+    // ---- d h_{t-1} = (d_h ⊙ da) W_hh + dâ W_rec[:, :H];  d ĥ_{t-1} = dâ W_rec[:, H:] ------------
+    Tensor dhs = g_rec_t(DAH.narrow(0, 0, n), dhs_buf.narrow(0, 0, n));
+    Tensor dhp = g_hh_t(DWH[t].narrow(0, 0, n), dh_buf.narrow(0, 0, n));
+    dh_c.narrow(0, 0, n).copy_(dhp).add_(dhs.narrow(1, 0, H));
+    dhh_c.narrow(0, 0, n).copy_(dhs.narrow(1, H, K));
+  }
+  // the chunks' partial sums, in chunk order, into the accumulators (bias, d_weight^T, then ln)
+  Tensor total = part[0].clone();
+  for (int64_t k = 1; k < part.size(0); ++k) total.add_(part[k]);
+  int64_t off = 0;
+  for (const Tensor& g : acc) {
+    g.add_(total.narrow(0, off, g.numel()).view(g.sizes()));
+    off += g.numel();
+  }
+}
+
+void backward_loop(const Tensor& XP, const Tensor& C, const Tensor& CH, const Tensor& A,
+                   const Tensor& AH, const Tensor& WH, const Tensor& Z, const Tensor& S, const Tensor& SH,
+                   const std::optional<Tensor>& d_out, const Tensor& dh, const Tensor& dc, const Tensor& dhh, const Tensor& dch,
+                   const Tensor& DXP, const Tensor& DWH, const Tensor& DZ, const std::vector<Tensor>& acc,
+                   const GemmArg& g_hh_t, const GemmArg& g_rec_t, const Tensor& z_w, const Tensor& dwT,
+                   const std::vector<Tensor>& main_p, const std::vector<Tensor>& hyper_p,
+                   const std::optional<Tensor>& m_main, const std::optional<Tensor>& m_hyper,
+                   const std::vector<int64_t>& counts, bool layer_norm, double eps) {
+  AT_DISPATCH_FLOATING_TYPES(XP.scalar_type(), "hyper_lstm_backward_loop", [&] {
+    auto main = make_cell<scalar_t>(C.size(2), layer_norm, eps, main_p[0], main_p[1], main_p[2], main_p[3]);
+    auto hyper = make_cell<scalar_t>(CH.size(2), layer_norm, eps, hyper_p[0], hyper_p[1], hyper_p[2], hyper_p[3]);
+    backward_impl<scalar_t>(XP, C, CH, A, AH, WH, Z, S, SH, d_out, dh, dc, dhh, dch, DXP, DWH, DZ, acc,
+                            make_gemm(g_hh_t), make_gemm(g_rec_t), z_w, dwT, main, hyper, m_main, m_hyper, counts);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward_loop", &forward_loop, "HyperLSTM forward time loop (see fused_torch.py)");
+  m.def("backward_loop", &backward_loop, "HyperLSTM backward time loop (see fused_torch.py)");
+  m.def("gemm", [](const GemmArg& g, const Tensor& x) {
+    return make_gemm(g)(x, at::empty({x.size(0), std::get<1>(g).size(0)}, x.options()));
+  }, "x @ W^T through the loop's own Gemm (tests check every variant against mm)");
+}
