@@ -5,12 +5,10 @@ groups each case and mode so nn.LSTM and the HyperLSTM backends sit side by side
 is the torch backend with its eager Python loop (what runs where the C++ loop cannot build).
 """
 import pytest
-import torch
 
-from hyperkern.bench import CASES, forward_backward_fn, forward_fn, make_models
+from hyperkern.bench import CASES, make_models
 from hyperkern.ops.hyper_lstm import fused_torch
-
-torch.set_num_threads(2)
+from hyperkern.timing import forward_backward_fn, forward_fn
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])

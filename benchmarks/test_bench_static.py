@@ -3,7 +3,8 @@
 (and the fused Triton kernel when a GPU is present).
 
 Run with ``make bench-suite`` (or ``.venv/bin/python -m pytest benchmarks -k static``).
-``hyperkern.ops.static_gen.bench_rows()`` prints the same comparison plus the H100 model line.
+``python -m hyperkern bench`` prints the same comparison plus the performance model's line
+(``hyperkern.bench.static_rows``).
 """
 import pytest
 import torch
@@ -12,12 +13,13 @@ from hyperkern import static_kernel_gen_layers, wrn_hyper_layer_shapes
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def bench_threads(benchmark):
     """Small GEMMs: one intra-op thread (a second one mostly adds synchronisation on a busy 2-core
-    machine); restored afterwards so other benchmark files keep their setting."""
+    machine); restored afterwards (overrides the suite's fixture in benchmarks/conftest.py)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    benchmark.extra_info["threads"] = 1
+    yield 1
     torch.set_num_threads(n)
 
 LAYERS = wrn_hyper_layer_shapes(40, 1)

@@ -497,7 +497,7 @@ def format_table(results: Sequence[Dict]) -> str:
 
 
 def machine_line(args) -> str:
-    from hyperkern.bench import machine_description
+    from hyperkern.timing import machine_description
 
     dev = torch.device(args.device)
     m = machine_description()

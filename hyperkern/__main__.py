@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--out", default="bench-results", help="folder for the JSON (and plot)")
     p_bench.add_argument("--quick", action="store_true", help="fewer steps and repeats (smoke run)")
     p_bench.add_argument("--case", action="append", help="only these cases (repeatable)")
+    p_bench.add_argument("--threads", type=int, help="intra-op threads (default: the machine's, as torch picks them)")
     p_bench.add_argument("--gpu-check", metavar="JSON", help="a gpu-check.json whose measured µs per step the "
                          "report shows beside the modelled ones")
     sub.add_parser("compile-check", add_help=False,
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     if args.command == "bench":
         from hyperkern.bench import main as bench_main
 
-        return bench_main(out=args.out, quick=args.quick, cases=args.case, gpu_check=args.gpu_check)
+        return bench_main(out=args.out, quick=args.quick, cases=args.case, gpu_check=args.gpu_check, threads=args.threads)
     if args.command == "compile-check":
         from hyperkern.compile_check import main as cc_main
 

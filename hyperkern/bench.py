@@ -8,26 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
-import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import perf_model
+from .perf_model import Shape
+from .timing import forward_backward_fn, forward_fn, machine_description, time_interleaved, with_backend
+
 
 @dataclass(frozen=True)
-class Case:
-    name: str
-    X: int
-    H: int
-    Hh: int
-    E: int
-    B: int
-    T: int
-    target_fwd: float  # ratio to nn.LSTM the issue asks for
-    target_fwdbwd: Optional[float]  # None: forward only
+class Case(Shape):
+    """A benchmark shape (the performance model's :class:`~hyperkern.perf_model.Shape`) with the
+    ratios to nn.LSTM the issues ask for."""
+
+    target_fwd: Optional[float] = None
+    target_fwdbwd: Optional[float] = None  # None: forward only
 
 
 CASES = (  # targets: issue 11 (the CPU backend at nn.LSTM's speed)
@@ -46,44 +43,6 @@ def make_models(case: Case, backend: str = "torch", dtype=torch.float32, device=
     hyper = HyperLSTM(case.X, case.H, case.Hh, case.E, backend=backend, device=device, dtype=dtype)
     x = torch.randn(case.T, case.B, case.X, device=device, dtype=dtype)
     return lstm, hyper, x
-
-
-def forward_fn(model, x) -> Callable[[], None]:
-    def run():
-        with torch.no_grad():
-            model(x)
-    return run
-
-
-def forward_backward_fn(model, x) -> Callable[[], None]:
-    xg = x.clone().requires_grad_(True)
-
-    def run():
-        out, _ = model(xg)
-        out.sum().backward()
-        model.zero_grad(set_to_none=True)
-        xg.grad = None
-    return run
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, device="cpu") -> Dict[str, float]:
-    """Median seconds per call of each fn, with the fns run round-robin so drift hits all alike."""
-    for fn in fns.values():  # warm-up (allocator, MKL packing, lazy init)
-        fn()
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def run_case(case: Case, backends=("torch",), repeats: int = 5, device="cpu") -> List[dict]:
@@ -108,33 +67,6 @@ def run_case(case: Case, backends=("torch",), repeats: int = 5, device="cpu") ->
     return rows
 
 
-def with_backend(model, backend):
-    """The same weights under another backend (a shallow module copy; parameters are shared)."""
-    import copy
-
-    m = copy.copy(model)
-    m._modules = dict(model._modules)  # own module dict, so setting backend leaves the original alone
-    m.backend = backend
-    return m
-
-
-def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
 def format_rows(rows: List[dict]) -> str:
     head = f"{'case':8s} {'mode':17s} {'model':20s} {'ms':>9s} {'tokens/s':>10s} {'ratio':>6s} {'target':>7s}"
     lines = [head, "-" * len(head)]
@@ -148,6 +80,67 @@ def format_rows(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def static_rows(layer_shapes: Optional[Sequence[Tuple[int, int]]] = None, z_dim: int = 64, hidden: int = 64,
+               backends: Sequence[str] = ("reference", "torch", "triton"), device: Optional[str] = None,
+               dtype: torch.dtype = torch.float32, repeats: int = 5, backward: bool = False) -> List[Dict]:
+    """One row per usable backend: ms per full generation (median of ``repeats``) of a layer list
+    (default: WRN-40-1's), plus a ``model`` row from :func:`hyperkern.perf_model.static_generation`.
+
+    The Triton backend is timed only on CUDA (under the interpreter its time means nothing).
+    """
+    from hyperkern import static_kernel_gen_layers, wrn_hyper_layer_shapes
+    from hyperkern.ops.precision import dot_precision
+    from hyperkern.ops.static_gen import backend_status, count_tiles
+
+    layer_shapes = list(layer_shapes) if layer_shapes is not None else wrn_hyper_layer_shapes(40, 1)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    E = count_tiles(layer_shapes, (16, 16))
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.1).to(device, dtype).requires_grad_(backward)  # noqa: E731
+    args = (mk(E, z_dim), mk(16, hidden, z_dim), mk(16, hidden), mk(16 * 9, hidden), mk(16 * 9))
+    def make_run(name):
+        def run():
+            ws = static_kernel_gen_layers(*args, kernel_size=3, layer_shapes=layer_shapes, backend=name)
+            if backward:
+                torch.autograd.backward(ws, [torch.ones_like(w) for w in ws])
+        return run
+
+    # the Triton backend is timed only on CUDA (under the interpreter its time means nothing)
+    usable = [n for n in backends if backend_status(n, device, dtype, backward, hidden=hidden)[0]
+              and (n != "triton" or device.type == "cuda")]
+    times = time_interleaved({n: make_run(n) for n in usable}, repeats, device)
+    rows = [{"backend": name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+             "tiles": E, "pass": "fwd+bwd" if backward else "fwd", "ms": 1e3 * sec}
+            for name, sec in times.items()]
+    dot = dot_precision(dtype)
+    model = perf_model.static_generation(layer_shapes, z_dim, hidden, precision="fp32" if dot == "ieee" else dot)
+    key = "bwd_predicted_us" if backward else "fwd_predicted_us"
+    rows.append({"backend": "model: H100 (triton)", "device": "H100 SXM", "dtype": str(dtype).replace("torch.", ""),
+                 "tiles": E, "pass": "fwd+bwd" if backward else "fwd",
+                 "ms": (model["fwd_predicted_us"] + (model[key] if backward else 0)) / 1e3, **model})
+    return rows
+
+
+def format_static_rows(rows: Sequence[Dict]) -> str:
+    """The static-generation table ``python -m hyperkern bench`` can print."""
+    lines = ["| backend | device | dtype | tiles | pass | ms per generation |", "|---|---|---|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['device']} | {r['dtype']} | {r['tiles']} | {r['pass']} | {r['ms']:.4f} |")
+    m = next((r for r in rows if "fwd_flops" in r), None)
+    p = perf_model.PEAKS
+    if m is not None:
+        lines.append(
+            f"\nmodel ({m['precision']}): forward {m['fwd_flops'] / 1e6:.1f} MFLOP, {m['fwd_min_bytes'] / 1e6:.2f} MB "
+            f"minimum HBM traffic (weights written once + inputs read once), 1 launch -> "
+            f"{m['fwd_t_mem_us']:.2f} us memory, {m['fwd_t_flop_us']:.2f} us compute, ~{m['fwd_predicted_us']:.1f} us "
+            f"with launch; backward {m['bwd_flops'] / 1e6:.1f} MFLOP, {m['bwd_bytes'] / 1e6:.2f} MB "
+            f"(minimum {m['bwd_min_bytes'] / 1e6:.2f} MB), {m['bwd_launches']} launches -> ~{m['bwd_predicted_us']:.1f} us. "
+            f"Assumptions (hyperkern.perf_model.PEAKS): H100 SXM {p['hbm_bw'] / 1e12:.2f} TB/s HBM, dense peaks "
+            f"bf16/fp16 {p['flops']['bf16'] / 1e12:.0f}, tf32 {p['flops']['tf32'] / 1e12:.0f}, fp32 (CUDA cores) "
+            f"{p['flops']['fp32'] / 1e12:.0f} TFLOP/s, {p['launch_host'] * 1e6:.0f} us per launch.")
+    return "\n".join(lines)
+
+
 def timed_backends(device) -> tuple:
     """The HyperLSTM backends ``bench`` times on ``device``: the Triton kernels beside the torch
     path on CUDA (when the registry says they run there), the torch path alone otherwise."""
@@ -158,16 +151,22 @@ def timed_backends(device) -> tuple:
     return ("torch",)
 
 
-def main(out: str = "bench-results", quick: bool = False, cases=None, gpu_check: Optional[str] = None) -> int:
-    threads = int(os.environ.get("HYPERKERN_BENCH_THREADS", "2"))
-    torch.set_num_threads(threads)
+def main(out: str = "bench-results", quick: bool = False, cases=None, gpu_check: Optional[str] = None,
+         threads: Optional[int] = None) -> int:
+    """Run the benchmark tables; ``threads``: intra-op threads (default: torch's, i.e. the machine's
+    cores), recorded with the results."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
     machine = machine_description()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"measured on {machine['gpu'] or machine['cpu']} ({device}, {threads} threads, torch {machine['torch']}); "
           "ratios are to torch.nn.LSTM timed interleaved in this process")
     selected = [c for c in CASES if not cases or c.name in cases]
     if quick:
-        selected = [Case(c.name, c.X, c.H, c.Hh, c.E, c.B, 10, c.target_fwd, c.target_fwdbwd) for c in selected]
+        selected = [replace(c, T=10) for c in selected]
     backends = timed_backends(device)
     if "triton" in backends:
         from hyperkern.ops.precision import dot_precision
@@ -181,8 +180,6 @@ def main(out: str = "bench-results", quick: bool = False, cases=None, gpu_check:
 
     print(gemm.format_choices())
     result = {"machine": machine, "device": device, "measured": rows, "gemm_choices": gemm.choices()}
-    from hyperkern import perf_model  # pure Python: never imports Triton
-
     print()
     result["gpu_model"] = perf_model.rows()
     print(perf_model.format_table(result["gpu_model"]))
@@ -193,12 +190,10 @@ def main(out: str = "bench-results", quick: bool = False, cases=None, gpu_check:
         from hyperkern import report
 
         print("\n" + report.merge_gpu_check(result, gpu_check))
-    from hyperkern.ops.static_gen import bench_rows, format_bench_rows
-
     print("\nStatic hypernetwork: every 3x3 kernel of WRN-40-1 (242 tiles), one generation, fp32")
-    static_rows = bench_rows(repeats=3 if quick else 7) + bench_rows(repeats=3 if quick else 7, backward=True)
-    print(format_bench_rows(static_rows))
-    result["static"] = static_rows
+    srows = static_rows(repeats=3 if quick else 7) + static_rows(repeats=3 if quick else 7, backward=True)
+    print(format_static_rows(srows))
+    result["static"] = srows
 
     from hyperkern import report
 

@@ -4,8 +4,8 @@
 
 Each op's launch table in :data:`LAUNCH_TABLES` (``hyperkern/ops/*/configs.py``) enumerates with
 ``all_launches()`` every :class:`~hyperkern.ops.launches.Launch` its launcher can make — the same
-constexprs, warps, stages and register cap the launcher passes — and the kernel module types the
-arguments (``signature()``). For every (launch, arch) this compiles the
+constexprs, warps, stages and register cap the launcher passes — and the kernel module's
+``ARG_TYPES`` types the arguments (``hyperkern.kernels.common.signature``). For every (launch, arch) this compiles the
 kernel with ``triton.compile`` (GPUTarget cuda 80 / 90, warp size 32), runs the wheel's ``ptxas -v``
 on the PTX with Triton's own flags (``-lineinfo --regAllocOptLevel=2``, ``--gpu-name=sm_80`` or
 ``sm_90a``) and reports registers, spill stores/loads, stack frame and shared memory
@@ -123,9 +123,11 @@ def compile_config(launch, unit_ints: Sequence[str] = ()) -> CompileConfig:
     launch with B = 1 or E = 1 compiles that specialisation)."""
     import importlib
 
+    from hyperkern.kernels.common import signature
+
     fn = launch.kernel_fn()
     cx = {**dict(launch.constexprs), **{n: None for n in launch.absent}, **{n: 1 for n in unit_ints}}
-    sig = importlib.import_module(launch.module).signature(fn, launch.dtype, cx)
+    sig = signature(fn, launch.dtype, cx, **importlib.import_module(launch.module).ARG_TYPES)
     return CompileConfig(name=launch.label + (" ints=1" if unit_ints else ""), fn=fn, signature=sig, constexprs=cx,
                          num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg)
 

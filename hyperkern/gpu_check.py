@@ -39,6 +39,7 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict
@@ -709,6 +710,9 @@ def run(out_dir: str, dry_run: bool = False, sections: Sequence[str] = SECTIONS,
         scale: float = 1.0, max_cases: Optional[int] = None) -> dict:
     """Run the sections; returns (and writes) the result. ``scale`` multiplies every budget."""
     t_start = time.monotonic()
+    # a fresh Inductor cache: AOTAutograd's on-disk cache does not key on a custom op's Python
+    # autograd formula, so an older checkout's compiled backward could be replayed (seen here)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="hyperkern-gpu-check-inductor-"))
     if dry_run:
         if torch.cuda.is_available():
             raise ValueError("--dry-run runs the CPU interpreter path; on a CUDA machine run the real check")

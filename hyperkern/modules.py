@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .ops import hyper_lstm as op
-from .ops.hyper_lstm.common import CellConfig, HyperLSTMState, Masks
+from .ops.hyper_lstm.common import NUM_SCALED_PATHS, CellConfig, HyperLSTMState, Masks, check_state
 from .ops.hyper_lstm.dropout import DropoutSeed
 
 
@@ -30,39 +30,49 @@ class _BackendAttr:
         self._backend = name
 
 
-class _SeededDropoutAttr:
-    """``seeded_dropout``: ``None`` / ``True`` / ``False``, a settable attribute validated when set;
-    on :class:`HyperLSTM` setting it sets every cell."""
+def _cell_setting(name: str, allow_none: bool, doc: str) -> property:
+    """A settable, validated True/False (or None) attribute; on :class:`HyperLSTM` setting it sets
+    every cell. The default is False (None where ``allow_none``)."""
+    private = "_" + name
 
-    @property
-    def seeded_dropout(self) -> Optional[bool]:
-        return getattr(self, "_seeded_dropout", None)
+    def get(self):
+        return getattr(self, private, None if allow_none else False)
 
-    @seeded_dropout.setter
-    def seeded_dropout(self, value: Optional[bool]) -> None:
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(f"seeded_dropout must be None, True or False, got {value!r}")
-        self._seeded_dropout = value
+    def set(self, value):
+        if not (isinstance(value, bool) or (allow_none and value is None)):
+            raise ValueError(f"{name} must be {'None, ' if allow_none else ''}True or False, got {value!r}")
+        setattr(self, private, value)
         for cell in getattr(self, "cells", ()):
-            cell.seeded_dropout = value
+            setattr(cell, name, value)
+    return property(get, set, doc=doc)
 
 
-class HyperLSTMCell(_BackendAttr, _SeededDropoutAttr, nn.Module):
+_SEEDED_DOC = ("How training-mode recurrent dropout is drawn. None (default): from a seed on the Triton backend "
+               "(the kernels draw each step's masks, none is kept), as Bernoulli mask tensors on the others (faster "
+               "on CPU). True: from a seed on every backend (the same torch.manual_seed gives every backend "
+               "identical masks). False: always mask tensors.")
+_RECOMPUTE_DOC = ("Training memory (the Triton backend): keep only every step's state between forward and "
+                  "backward and recompute the rest there (2 more launches per step; bitwise the same gradients). "
+                  "Default False. The other backends ignore it.")
+
+
+class HyperLSTMCell(_BackendAttr, nn.Module):
     """One HyperLSTM cell (SPEC §1). ``forward(x, state=None) -> (h, state)`` runs one step.
 
     ``x`` is ``[B, input_size]`` (or ``[input_size]`` unbatched); ``state`` is a
     :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` of ``[B, *]`` tensors, zeros if omitted.
 
-    ``seeded_dropout`` (attribute): how training-mode recurrent dropout is drawn. ``None`` (default):
-    from a seed on the Triton backend (the kernels draw each step's masks, none is kept), as Bernoulli
-    mask tensors on the others (faster on CPU). ``True``: from a seed on every backend, so the same
-    ``torch.manual_seed`` gives every backend identical masks. ``False``: always mask tensors.
+    ``seeded_dropout`` and ``recompute``: settable attributes (also constructor arguments), see
+    their docs (:data:`_SEEDED_DOC`, :data:`_RECOMPUTE_DOC`).
     """
+
+    seeded_dropout = _cell_setting("seeded_dropout", True, _SEEDED_DOC)
+    recompute = _cell_setting("recompute", False, _RECOMPUTE_DOC)
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
                  layer_norm: bool = True, forget_bias: float = 1.0, ln_eps: float = 1e-3,
                  recurrent_dropout: float = 0.0, init: str = "supercell", backend: str = "auto",
-                 device=None, dtype=None):
+                 device=None, dtype=None, seeded_dropout: Optional[bool] = None, recompute: bool = False):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("hyper_size", hyper_size), ("embed_size", embed_size)):
@@ -74,6 +84,7 @@ class HyperLSTMCell(_BackendAttr, _SeededDropoutAttr, nn.Module):
                               float(forget_bias), float(ln_eps))
         self.recurrent_dropout = float(recurrent_dropout)
         self.backend = backend
+        self.seeded_dropout, self.recompute = seeded_dropout, recompute
         factory = {"device": device, "dtype": dtype}
         for name, shape in self.cfg.param_shapes().items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
@@ -93,10 +104,10 @@ class HyperLSTMCell(_BackendAttr, _SeededDropoutAttr, nn.Module):
         self.bias.zero_()
         self.hyper_bias.zero_()
         self.z_weight.zero_()
-        self.z_weight[8 * E:].normal_(0.0, 0.01)  # bias path only
+        self.z_weight[NUM_SCALED_PATHS * E:].normal_(0.0, 0.01)  # bias path only
         self.z_bias.fill_(1.0)
-        self.d_weight[:8].fill_(0.1 / E)  # x- and h-paths: d = 0.1 exactly at init
-        self.d_weight[8:].zero_()  # bias path: beta = 0 at init
+        self.d_weight[:NUM_SCALED_PATHS].fill_(0.1 / E)  # x- and h-paths: d = 0.1 exactly at init
+        self.d_weight[NUM_SCALED_PATHS:].zero_()  # bias path: beta = 0 at init
         if self.cfg.layer_norm:
             for name in ("ln_weight", "ln_cell_weight", "hyper_ln_weight", "hyper_ln_cell_weight"):
                 getattr(self, name).fill_(1.0)
@@ -144,7 +155,7 @@ class HyperLSTMCell(_BackendAttr, _SeededDropoutAttr, nn.Module):
         name = op.resolve_backend(backend or self.backend, x.device, x.dtype, torch.is_grad_enabled(),
                                   embed_size=self.cfg.embed_size)
         masks = self.dropout_masks(x.shape[0], x.shape[1], x, name)
-        return op.get_backend(name)(x, tuple(state), self.params(), self.cfg, lengths, masks)
+        return op.get_backend(name)(x, tuple(state), self.params(), self.cfg, lengths, masks, recompute=self.recompute)
 
     def forward(self, x: Tensor, state=None) -> Tuple[Tensor, HyperLSTMState]:
         _check_tensor("x", x, self.weight_ih)
@@ -159,8 +170,8 @@ class HyperLSTMCell(_BackendAttr, _SeededDropoutAttr, nn.Module):
         if state is None:
             state = tuple(x.new_zeros(B, n) for n in sizes)
         else:
-            state = _check_state(state, [(B, n) for n in sizes] if not unbatched else [(n,) for n in sizes],
-                                 x, "state")
+            state = check_state(state, [(B, n) for n in sizes] if not unbatched else [(n,) for n in sizes], x.device,
+                                "state", x.dtype)
             if unbatched:
                 state = tuple(s.unsqueeze(0) for s in state)
         _, new = self.run(x.unsqueeze(0), state)
@@ -168,7 +179,7 @@ class HyperLSTMCell(_BackendAttr, _SeededDropoutAttr, nn.Module):
         return new.h, new
 
 
-class HyperLSTM(_BackendAttr, _SeededDropoutAttr, nn.Module):
+class HyperLSTM(_BackendAttr, nn.Module):
     """A stack of HyperLSTM cells shaped like ``nn.LSTM``.
 
     ``forward(input, state=None, lengths=None) -> (output, state)``:
@@ -180,15 +191,18 @@ class HyperLSTM(_BackendAttr, _SeededDropoutAttr, nn.Module):
     - ``lengths``: optional ``[B]`` valid lengths for a padded ``input`` (an alternative to packing).
     - ``output``: ``[T, B, num_directions * hidden_size]``; zero past each sequence's end.
 
-    ``seeded_dropout`` (attribute; setting it sets every cell): how recurrent dropout is drawn, see
-    :class:`HyperLSTMCell`.
+    ``seeded_dropout`` and ``recompute`` (constructor arguments and attributes; setting one sets
+    every cell): see :class:`HyperLSTMCell`.
     """
+
+    seeded_dropout = _cell_setting("seeded_dropout", True, _SEEDED_DOC)
+    recompute = _cell_setting("recompute", False, _RECOMPUTE_DOC)
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
                  num_layers: int = 1, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, layer_norm: bool = True, forget_bias: float = 1.0,
                  ln_eps: float = 1e-3, recurrent_dropout: float = 0.0, backend: str = "auto",
-                 device=None, dtype=None):
+                 device=None, dtype=None, seeded_dropout: Optional[bool] = None, recompute: bool = False):
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -204,8 +218,10 @@ class HyperLSTM(_BackendAttr, _SeededDropoutAttr, nn.Module):
             layer_in = input_size if layer == 0 else hidden_size * self.num_directions
             for _ in range(self.num_directions):
                 cells.append(HyperLSTMCell(layer_in, hidden_size, hyper_size, embed_size, layer_norm,
-                                           forget_bias, ln_eps, recurrent_dropout, device=device, dtype=dtype))
+                                           forget_bias, ln_eps, recurrent_dropout, device=device, dtype=dtype,
+                                           seeded_dropout=seeded_dropout, recompute=recompute))
         self.cells = nn.ModuleList(cells)  # layer-major, then direction (forward, reverse)
+        self.seeded_dropout, self.recompute = seeded_dropout, recompute
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "
@@ -250,7 +266,7 @@ class HyperLSTM(_BackendAttr, _SeededDropoutAttr, nn.Module):
             state = [x.new_zeros(L, B, n) for n in sizes]
         else:
             want = [(L, n) if unbatched else (L, B, n) for n in sizes]
-            state = list(_check_state(state, want, x, "state"))
+            state = list(check_state(state, want, x.device, "state", x.dtype))
             if unbatched:
                 state = [s.unsqueeze(1) for s in state]
         if order is not None:
@@ -319,24 +335,6 @@ def _check_features(name: str, x: Tensor, size: int) -> None:
                          f"got shape {tuple(x.shape)}")
     if x.shape[-2] == 0:
         raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); need at least one sequence")
-
-
-def _check_state(state, shapes, x: Tensor, name: str):
-    if not isinstance(state, (tuple, list)) or len(state) != 4:
-        raise TypeError(f"{name} must be a HyperLSTMState or a 4-tuple (h, c, h_hat, c_hat), "
-                        f"got {type(state).__name__}")
-    out = []
-    for field, s, shape in zip(HyperLSTMState._fields, state, shapes):
-        if not isinstance(s, Tensor):
-            raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(s).__name__}")
-        if tuple(s.shape) != tuple(shape):
-            raise ValueError(f"{name}.{field} must have shape {tuple(shape)}, got {tuple(s.shape)}")
-        if s.dtype != x.dtype:
-            raise TypeError(f"{name}.{field} must have dtype {x.dtype}, got {s.dtype}")
-        if s.device != x.device:
-            raise ValueError(f"{name}.{field} must be on device {x.device}, got {s.device}")
-        out.append(s)
-    return tuple(out)
 
 
 def _check_lengths(lengths, B: int, T: int) -> Tensor:

@@ -35,16 +35,21 @@ T=1024, published by FlashRNN's authors) — a plain LSTM, without the hyper cel
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from hyperkern.kernels.common import NUM_PATHS, NUM_SCALED_PATHS, cdiv
+
+# The one table of GPU constants every model here uses (both ops).
 PEAKS = {
     "device": "H100 SXM (modelled)",
     "hbm_bw": 3.35e12,  # B/s
     "l2_bytes": 50e6,
     "sms": 132,
-    "flops": {"fp32": 495e12, "bf16": 990e12, "fp16": 990e12},  # dense tensor-core peaks (fp32 -> tf32)
-    "launch_graph": 1e-6,
-    "launch_host": 4e-6,
+    # dense peaks per dot precision: tensor cores for tf32 / bf16 / fp16, the CUDA cores for
+    # full-precision fp32 ("ieee") and fp64
+    "flops": {"tf32": 495e12, "bf16": 990e12, "fp16": 990e12, "fp32": 67e12, "fp64": 67e12},
+    "launch_graph": 1e-6,  # one kernel launch inside a CUDA graph
+    "launch_host": 4e-6,  # one kernel launch from the host (Triton's Python dispatch is slower still)
     "latency": 0.6e-6,  # one dependent round trip to HBM
     "latency_l2": 0.3e-6,  # one dependent round trip that hits L2
     "sm_bw": 55e9,  # HBM bandwidth one SM sustains alone
@@ -55,7 +60,10 @@ PEAKS = {
 # integer instructions per seeded-dropout mask element: 10 Philox rounds of 2 IMAD.HI + 2 IMAD +
 # 2 LOP3 (+ uniform key adds), then int->float, scale, compare, select and the store's address
 PHILOX_OPS = 90
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
+# the HyperLSTM rows' dot precision per dtype: fp32 is modelled with TF32 dots (torch's matmul TF32
+# flag on, hyperkern.ops.precision), as a user after speed runs it
+MODEL_DOT = {"fp32": "tf32", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -77,15 +85,21 @@ SHAPES = (
 )
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def launches_per_step(s: Shape, dtype: str) -> Tuple[int, int]:
+    """(forward, backward) kernel launches per timestep, as the launchers make them (the launch
+    tables of ``hyperkern.ops.hyper_lstm.fused_triton.configs``), inference without dropout."""
+    from hyperkern.ops.hyper_lstm.fused_triton import configs
+
+    dot = MODEL_DOT[dtype]
+    return (len(configs.forward_launches(s.B, dtype, dot, s.layer_norm, 0)),
+            len(configs.backward_launches(s.B, s.E, dtype, dot, s.layer_norm, 0)))
 
 
 def flops_per_step(s: Shape) -> Dict[str, float]:
     B, X, H, Hh, E = s.B, s.X, s.H, s.Hh, s.E
     main = 2 * B * H * 4 * H
     hyper = 2 * B * (H + Hh) * 4 * Hh
-    emb = 2 * B * Hh * 12 * E + 2 * B * 12 * E * H
+    emb = 2 * B * Hh * NUM_PATHS * E + 2 * B * NUM_PATHS * E * H
     elementwise = 40 * B * (H + Hh)
     hoisted = 2 * B * X * 4 * (H + Hh)  # once per step of input, run before the loop
     return {"recurrent": main + hyper + emb + elementwise, "hoisted": hoisted,
@@ -94,7 +108,7 @@ def flops_per_step(s: Shape) -> Dict[str, float]:
 
 def recurrent_param_elems(s: Shape) -> int:
     H, Hh, E = s.H, s.Hh, s.E
-    n = 4 * H * H + 4 * Hh * H + 4 * Hh * Hh + 12 * E * Hh + 12 * H * E + 4 * H + 4 * Hh + 8 * E
+    n = 4 * H * H + 4 * Hh * H + 4 * Hh * Hh + NUM_PATHS * E * Hh + NUM_PATHS * H * E + 4 * H + 4 * Hh + NUM_SCALED_PATHS * E
     if s.layer_norm:
         n += 10 * H + 10 * Hh
     return n
@@ -119,7 +133,7 @@ def kernel_model(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
     g, c = choose_configs(B)
 
     # launch 1: gates kernel -------------------------------------------------------------------
-    n_bt, n_main, n_hyp = _cdiv(B, g.BM), _cdiv(H, g.BH), _cdiv(Hh, g.BH)
+    n_bt, n_main, n_hyp = cdiv(B, g.BM), cdiv(H, g.BH), cdiv(Hh, g.BH)
     weights = (4 * H * H + 4 * Hh * H + 4 * Hh * Hh) * wb
     scratch_w1 = B * 4 * H * f4 + B * 4 * Hh * f4  # P and Â written
     gates = {
@@ -134,18 +148,18 @@ def kernel_model(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
     }
 
     # launch 2: cell kernel (a program owns BMC rows and walks them in chunks) --------------------
-    n_c = _cdiv(B, c.BMC)
+    n_c = cdiv(B, c.BMC)
     ln_vecs = lambda n: (10 * n * wb if ln else 0)  # noqa: E731  per-gate LN + LN(c) weights/biases
     # hyper cell: Â read (stats, update, o-gate with LN), ĉ_prev, ĥ_prev (carry), ĉ_new (+ re-read), ĥ_new
     hyp_l2 = B * Hh * f4 * ((4 + 4 + 1) if ln else 4) + B * Hh * f4 * (5 if ln else 4) + n_c * ln_vecs(Hh)
     hyp_hbm = B * Hh * f4 * 3 + ln_vecs(Hh)  # ĉ_prev read, ĉ_new and ĥ_new written
     # embeddings: ĥ_t re-read per z chunk, z_weight/z_bias per program, z scratch written
-    z_par = (12 * E * Hh + 8 * E) * wb
-    emb_l2 = B * Hh * f4 * _cdiv(12 * E, c.BZ) + n_c * z_par + B * 12 * E * f4
-    emb_hbm = z_par + B * 12 * E * f4
+    z_par = (NUM_PATHS * E * Hh + NUM_SCALED_PATHS * E) * wb
+    emb_l2 = B * Hh * f4 * cdiv(NUM_PATHS * E, c.BZ) + n_c * z_par + B * NUM_PATHS * E * f4
+    emb_hbm = z_par + B * NUM_PATHS * E * f4
     # main cell: P, XP, bias, d_weight, z (per chunk), G written; LN passes; c, h, output
-    main_par = (4 * H + 12 * H * E) * wb
-    main_l2 = (2 * B * 4 * H * f4 + n_c * main_par + B * 12 * E * f4 * _cdiv(H, c.BN)
+    main_par = (4 * H + NUM_PATHS * H * E) * wb
+    main_l2 = (2 * B * 4 * H * f4 + n_c * main_par + B * NUM_PATHS * E * f4 * cdiv(H, c.BN)
                + B * 4 * H * f4 * (2 if ln else 1) + (B * H * f4 if ln else 0)
                + B * H * f4 * (5 if ln else 4) + B * H * wb + n_c * ln_vecs(H))
     main_hbm = (B * 4 * H * f4 + main_par + B * 4 * H * f4  # XP read, parameters, G written back
@@ -155,12 +169,12 @@ def kernel_model(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
     loop = lambda n: 1 + (n - 1) / pipe  # noqa: E731  round trips of a pipelined loop of n chunks
     # dependent round trips one program makes in sequence: the first pass over the main row
     # streams XP from HBM; everything else it reads was touched earlier in the step (L2)
-    chain_hbm = loop(_cdiv(H, c.BN))
-    chain_l2 = ((passes * loop(_cdiv(Hh, c.BN))) + _cdiv(12 * E, c.BZ) * _cdiv(Hh, c.BKZ)
-                + loop(_cdiv(H, c.BN)) * ((passes - 1) if ln else 1)
-                + _cdiv(H, c.BN) * E * 0.2  # d generation: E L1-hit loads per chunk
+    chain_hbm = loop(cdiv(H, c.BN))
+    chain_l2 = ((passes * loop(cdiv(Hh, c.BN))) + cdiv(NUM_PATHS * E, c.BZ) * cdiv(Hh, c.BKZ)
+                + loop(cdiv(H, c.BN)) * ((passes - 1) if ln else 1)
+                + cdiv(H, c.BN) * E * 0.2  # d generation: E L1-hit loads per chunk
                 + (4 if ln else 2) * 0.5)  # block barriers between passes
-    cell = {"programs": n_c, "flops": 2 * B * Hh * 12 * E + 2 * B * 12 * E * H + 40 * B * (H + Hh),
+    cell = {"programs": n_c, "flops": 2 * B * Hh * NUM_PATHS * E + 2 * B * NUM_PATHS * E * H + 40 * B * (H + Hh),
             "l2": hyp_l2 + emb_l2 + main_l2, "hbm": hyp_hbm + emb_hbm + main_hbm,
             "chain_hbm": chain_hbm, "chain_l2": chain_l2}
     return {"gates": gates, "cell": cell, "configs": {"gates": asdict(g), "cell": asdict(c)}}
@@ -181,7 +195,7 @@ def _kernel_time(k: Dict[str, float], dtype: str, launch: float) -> float:
     active = min(k["programs"], p["sms"])
     hbm_bw = min(p["hbm_bw"], active * p["sm_bw"])
     l2_bw = min(p["l2_bw"], active * p["sm_l2_bw"])
-    return launch + max(k["hbm"] / hbm_bw, k["l2"] / l2_bw, k["flops"] / p["flops"][dtype],
+    return launch + max(k["hbm"] / hbm_bw, k["l2"] / l2_bw, k["flops"] / p["flops"][MODEL_DOT[dtype]],
                         k["chain_hbm"] * p["latency"] + k["chain_l2"] * p["latency_l2"])
 
 
@@ -192,7 +206,7 @@ def predict(s: Shape, dtype: str) -> Dict[str, float]:
     # hoisted GEMM (once, before the loop), amortised per step
     fl = flops_per_step(s)
     hoist_bytes = s.T * s.B * (s.X * wb + 4 * (s.H + s.Hh) * 4) + 4 * (s.H + s.Hh) * s.X * wb
-    hoist = (p["launch_host"] + max(hoist_bytes / p["hbm_bw"], s.T * fl["hoisted"] / p["flops"][dtype])) / s.T
+    hoist = (p["launch_host"] + max(hoist_bytes / p["hbm_bw"], s.T * fl["hoisted"] / p["flops"][MODEL_DOT[dtype]])) / s.T
     out = {}
     for mode, launch in (("graph", p["launch_graph"]), ("host", p["launch_host"])):
         out[mode] = sum(_kernel_time(km[k], dtype, launch) for k in ("gates", "cell")) + hoist
@@ -224,7 +238,7 @@ def rows(shapes: Sequence[Shape] = SHAPES, dtypes: Sequence[str] = ("fp32", "bf1
             pr = predict(s, dt)
             row = {"shape": s.name, "dtype": dt, **asdict(s), "flops_step": fl["total"],
                    "flops_recurrent_step": fl["recurrent"], "min_bytes_step": mn, "model_bytes_step": mb, "l2_bytes_step": l2,
-                   "bytes_ratio": mb / mn, "launches_step": 2,
+                   "bytes_ratio": mb / mn, "launches_step": launches_per_step(s, dt)[0],
                    "pred_us_graph": pr["graph"] * 1e6, "pred_us_host": pr["host"] * 1e6,
                    "gates_us": pr["gates_us"], "cell_us": pr["cell_us"], "hoist_us": pr["hoist_us"],
                    "dropout_us": pr["dropout_us"],
@@ -273,10 +287,10 @@ def flops_per_step_bwd(s: Shape) -> Dict[str, float]:
     dĥ += dz @ z_weight product, elementwise) and the post-loop weight-gradient GEMMs (amortised)."""
     B, X, H, Hh, E = s.B, s.X, s.H, s.Hh, s.E
     gates = 2 * B * 4 * H * H + 2 * B * 4 * Hh * (H + Hh)  # dh_{t-1}, dĥ_{t-1}
-    cell = 16 * B * H * E + 24 * B * H * E + 2 * B * 12 * E * Hh + 60 * B * (H + Hh)
+    cell = 16 * B * H * E + 24 * B * H * E + 2 * B * NUM_PATHS * E * Hh + 60 * B * (H + Hh)
     post = (2 * 2 * B * X * 4 * (H + Hh)  # dx, d[weight_ih ; hyper_weight_ih[:, :X]]
             + 2 * B * 4 * Hh * (H + Hh) + 2 * B * 4 * H * H  # d hyper recurrent weights, d weight_hh
-            + 2 * B * 12 * E * Hh + 2 * B * 12 * H * E + 10 * B * (H + Hh))  # z_weight, d_weight, LN, biases
+            + 2 * B * NUM_PATHS * E * Hh + 2 * B * NUM_PATHS * H * E + 10 * B * (H + Hh))  # z_weight, d_weight, LN, biases
     return {"loop": gates + cell, "post": post, "total": gates + cell + post}
 
 
@@ -285,7 +299,7 @@ def saved_bytes_per_step(s: Shape, mode: str = "full") -> int:
     (h, c, ĥ, ĉ), P, G, Â, z and XP (fp32); ``states`` (recompute mode) = the states only."""
     B, H, Hh, E = s.B, s.H, s.Hh, s.E
     states = (2 * H + 2 * Hh) * 4
-    per_sample = states if mode == "states" else states + (4 * H + 4 * H + 4 * Hh + 12 * E + 4 * H + 4 * Hh) * 4
+    per_sample = states if mode == "states" else states + (4 * H + 4 * H + 4 * Hh + NUM_PATHS * E + 4 * H + 4 * Hh) * 4
     return B * per_sample
 
 
@@ -298,31 +312,31 @@ def kernel_model_bwd(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
     B, H, Hh, E, ln = s.B, s.H, s.Hh, s.E, s.layer_norm
     g, c = choose_bwd_configs(B)
     # launch 1: cell-backward (row-owning) -------------------------------------------------------
-    n_c = _cdiv(B, c.BMC)
+    n_c = cdiv(B, c.BMC)
     ln_vecs = lambda n: (10 * n * wb if ln else 0)  # noqa: E731
     reads = lambda n: (3 if ln else 1)  # noqa: E731  passes over the pre-gates (stats, B, C)
     main_in = B * (4 * H * f4 * (reads(H) + 1) + 2 * 4 * H * f4 + 3 * H * f4 * (3 if ln else 1) + 2 * H * f4)
     main_out = B * (4 * H * f4 * 3 + H * f4 + (4 * H * f4 + H * f4 if ln else 0))  # DA, DXP, DWH, dc; DG, DCN
     hyp_in = B * (4 * Hh * f4 * (reads(Hh) + 0) + 3 * Hh * f4 * (3 if ln else 1) + 2 * Hh * f4)
     hyp_out = B * (4 * Hh * f4 + Hh * f4 + (4 * Hh * f4 + Hh * f4 if ln else 0) + Hh * f4)  # dÂ, dĉ; DG, DCN; dĥ scratch
-    par = (12 * H * E + 12 * E * Hh) * wb + ln_vecs(H) + ln_vecs(Hh)
+    par = (NUM_PATHS * H * E + NUM_PATHS * E * Hh) * wb + ln_vecs(H) + ln_vecs(Hh)
     cell = {
         "programs": n_c,
-        "flops": 16 * B * H * E + 24 * B * H * E + 2 * B * 12 * E * Hh + 60 * B * (H + Hh),
-        "l2": main_in + main_out + hyp_in + hyp_out + n_c * par + B * 12 * E * f4 * (2 + _cdiv(Hh, c.BN)),
-        "hbm": B * (4 * H * f4 * 3 + 2 * H * f4 + 2 * H * f4 + 12 * E * f4 + 4 * Hh * f4 + 4 * Hh * f4)  # G,P,XP,c's,dh/dc,z,Â,..
+        "flops": 16 * B * H * E + 24 * B * H * E + 2 * B * NUM_PATHS * E * Hh + 60 * B * (H + Hh),
+        "l2": main_in + main_out + hyp_in + hyp_out + n_c * par + B * NUM_PATHS * E * f4 * (2 + cdiv(Hh, c.BN)),
+        "hbm": B * (4 * H * f4 * 3 + 2 * H * f4 + 2 * H * f4 + NUM_PATHS * E * f4 + 4 * Hh * f4 + 4 * Hh * f4)  # G,P,XP,c's,dh/dc,z,Â,..
                + main_out + hyp_out + par,
-        "chain_hbm": _cdiv(H, c.BN),
-        "chain_l2": ((5 if ln else 2) * _cdiv(H, c.BN) + (5 if ln else 1) * _cdiv(Hh, c.BN)
-                     + _cdiv(Hh, c.BN) * _cdiv(12 * E, c.BZ) + _cdiv(H, c.BN) * E * 0.2 + 4 * 0.5),
+        "chain_hbm": cdiv(H, c.BN),
+        "chain_l2": ((5 if ln else 2) * cdiv(H, c.BN) + (5 if ln else 1) * cdiv(Hh, c.BN)
+                     + cdiv(Hh, c.BN) * cdiv(NUM_PATHS * E, c.BZ) + cdiv(H, c.BN) * E * 0.2 + 4 * 0.5),
     }
     # launch 2: gates-backward (tiled GEMM) --------------------------------------------------------
-    n_bt, n_cols = _cdiv(B, g.BM), _cdiv(H, g.BN) + _cdiv(Hh, g.BN)
+    n_bt, n_cols = cdiv(B, g.BM), cdiv(H, g.BN) + cdiv(Hh, g.BN)
     weights = (4 * H * H + 4 * Hh * H + 4 * Hh * Hh) * wb
     gates = {
         "programs": n_cols * n_bt,
         "flops": 2 * B * 4 * H * H + 2 * B * 4 * Hh * (H + Hh),
-        "l2": n_bt * weights + _cdiv(H, g.BN) * B * 4 * (H + Hh) * f4 + _cdiv(Hh, g.BN) * B * 4 * Hh * f4
+        "l2": n_bt * weights + cdiv(H, g.BN) * B * 4 * (H + Hh) * f4 + cdiv(Hh, g.BN) * B * 4 * Hh * f4
               + 2 * B * (H + Hh) * f4,
         "hbm": weights + 2 * B * (H + Hh) * f4,
         "chain_hbm": 2, "chain_l2": 0,
@@ -338,8 +352,8 @@ def predict_bwd(s: Shape, dtype: str) -> Dict[str, float]:
     fl = flops_per_step_bwd(s)
     loop = sum(_kernel_time(km[k], dtype, p["launch_graph"]) for k in ("cell_bwd", "gates_bwd"))
     B, H, Hh, E, T = s.B, s.H, s.Hh, s.E, s.T
-    post_bytes = T * B * (4 * (4 * H + 4 * Hh) * 3 + 4 * 4 * H * 4 + 12 * E * 4 + (2 * H + 2 * Hh) * 4 * 2)
-    post = (8 * p["launch_host"] + max(post_bytes / p["hbm_bw"], T * fl["post"] / p["flops"][dtype])) / T
+    post_bytes = T * B * (4 * (4 * H + 4 * Hh) * 3 + 4 * 4 * H * 4 + NUM_PATHS * E * 4 + (2 * H + 2 * Hh) * 4 * 2)
+    post = (8 * p["launch_host"] + max(post_bytes / p["hbm_bw"], T * fl["post"] / p["flops"][MODEL_DOT[dtype]])) / T
     fwd = kernel_model(s, dtype)
     re = sum(_kernel_time(fwd[k], dtype, p["launch_graph"]) for k in ("gates", "cell"))
     return {"loop_us": loop * 1e6, "post_us": post * 1e6, "total_us": (loop + post) * 1e6,
@@ -361,7 +375,8 @@ def rows_bwd(shapes: Sequence[Shape] = SHAPES, dtypes: Sequence[str] = ("fp32", 
                         "flops_loop_step": fl["loop"],
                         "model_bytes_step": km["cell_bwd"]["hbm"] + km["gates_bwd"]["hbm"],
                         "l2_bytes_step": km["cell_bwd"]["l2"] + km["gates_bwd"]["l2"],
-                        "launches_step": 2, "launches_step_recompute": 4,
+                        "launches_step": launches_per_step(s, dt)[1],
+                        "launches_step_recompute": sum(launches_per_step(s, dt)),
                         "saved_bytes_step": saved_bytes_per_step(s, "full"),
                         "saved_bytes_step_recompute": saved_bytes_per_step(s, "states"),
                         "pred_us_step": pr["total_us"], "pred_us_step_recompute": pr["recompute_total_us"],
@@ -430,6 +445,61 @@ def format_table(rs: Sequence[Dict]) -> str:
     out.append("reference: cuDNN's plain LSTM (no hyper cell) at H=768, B=16 runs ~2.0 µs/step on an H100 "
                "(2.01 ms for T=1024, published by FlashRNN's authors).")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# static generation (hyperkern.ops.static_gen): one launch forward, a few backward
+# --------------------------------------------------------------------------------------------
+
+def static_generation(layer_shapes: Sequence[Tuple[int, int]], z_dim: int = 64, hidden: int = 64,
+                      block: Tuple[int, int] = (16, 16), kernel_size: int = 3, precision: str = "fp32",
+                      bias: bool = True, layer_list: bool = True) -> Dict[str, float]:
+    """FLOPs, bytes and predicted H100 time of one full generation, forward and backward.
+
+    ``precision``: "fp32" (ieee dots, the default for fp32 inputs), "tf32", "fp16", "bf16", "fp64".
+    Forward: FLOPs = 2 per multiply-add of the embedding GEMM (``E x Nz -> N_in*d``) and the output
+    GEMM (``E*N_in x d -> N_out*k*k``); minimum bytes = every generated weight written once + every
+    input read once, which is also what the kernel moves (the weights are read from L2 by each
+    program). Backward (this implementation): the flat gradient is read twice (dA, then dw_out),
+    A and dA go through ``[E, N_in, d]`` scratch (written and read once each), and the gradients
+    are written once; minimum = gradient read once + inputs read + gradients written. Launches:
+    the two backward kernels and the two fixed-order sums of the dw_out/db_out split partials (and
+    their casts for 16-bit inputs), plus,
+    for a layer list, autograd's one concatenation of the layers' gradients (``layer_list``: the
+    gradient written and read once more).
+    Predicted time = max(bytes / HBM bandwidth, FLOPs / peak) + launches x a host launch
+    (:data:`PEAKS`): at these sizes every roofline term is a few microseconds, so the launch
+    latency dominates.
+    """
+    from hyperkern.ops.static_gen.common import count_tiles
+
+    n_out, n_in = block
+    kk = kernel_size * kernel_size
+    n_cols = n_out * kk
+    E = count_tiles(layer_shapes, block)
+    W = E * n_out * n_in * kk  # generated weights
+    rows = E * n_in
+    gemm_in, gemm_out = 2 * rows * hidden * z_dim, 2 * rows * hidden * n_cols
+    inputs = E * z_dim + n_in * hidden * z_dim + n_cols * hidden + ((n_in * hidden + n_cols) if bias else 0)
+    b = DTYPE_BYTES[precision]
+    peak = PEAKS["flops"][precision]
+    fwd_flops, fwd_bytes = gemm_in + gemm_out, (W + inputs) * b
+    bwd_flops = 3 * gemm_in + 2 * gemm_out  # A recomputed, dz, dw_in; dA, dw_out
+    bwd_min_bytes = (W + 2 * inputs) * b
+    bwd_bytes = (2 * W + 4 * rows * hidden + 2 * inputs + (2 * W if layer_list else 0)) * b
+    bwd_launches = 4 + (2 if b == 2 else 0) + (1 if layer_list else 0)  # 16-bit: the summed partials are cast
+    hbm, launch = PEAKS["hbm_bw"], PEAKS["launch_host"]
+    t = lambda flops, nbytes, launches: max(nbytes / hbm, flops / peak) + launches * launch  # noqa: E731
+    return {
+        "tiles": E, "generated_weights": W, "precision": precision,
+        "fwd_flops": fwd_flops, "fwd_min_bytes": fwd_bytes, "fwd_launches": 1,
+        "fwd_t_mem_us": fwd_bytes / hbm * 1e6, "fwd_t_flop_us": fwd_flops / peak * 1e6,
+        "fwd_predicted_us": t(fwd_flops, fwd_bytes, 1) * 1e6,
+        "bwd_flops": bwd_flops, "bwd_min_bytes": bwd_min_bytes, "bwd_bytes": bwd_bytes, "bwd_launches": bwd_launches,
+        "bwd_t_mem_us": bwd_bytes / hbm * 1e6, "bwd_t_flop_us": bwd_flops / peak * 1e6,
+        "bwd_predicted_us": t(bwd_flops, bwd_bytes, bwd_launches) * 1e6,
+    }
+
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
 - :func:`sweep` measures the time per token of ``HyperLSTM`` (each usable backend) and of
   ``torch.nn.LSTM`` against sequence length and against hidden size, forward and
-  forward+backward, with :func:`hyperkern.bench.time_interleaved` (the fns of one shape run
+  forward+backward, with :func:`hyperkern.timing.time_interleaved` (the fns of one shape run
   round-robin in this process, so machine noise hits them alike). It returns JSON-ready rows.
 - :func:`format_sweep` prints those rows as a table (no plotting library needed).
 - :func:`plot` reads the JSON that ``python -m hyperkern bench`` wrote and draws the panels:
@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .bench import forward_backward_fn, forward_fn, time_interleaved, with_backend
+from .timing import forward_backward_fn, forward_fn, time_interleaved, with_backend
 
 MODES = ("forward", "forward+backward")
 # The float64-capable reference runs a Python loop of small ops: time it only where that is quick.

@@ -35,8 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hyperkern.kernels.hyper_lstm_fwd import (  # shared helpers, one definition
-    _chan_merge, _chunk_moments, _draw_masks, _gate_stats, _pick, _tanh,
+from hyperkern.kernels.hyper_lstm_fwd import (  # shared helpers and constants, one definition
+    BIAS_PATH, H_PATH, NUM_PATHS, _chan_merge, _chunk_moments, _draw_masks, _gate_stats, _pick, _tanh,
 )
 
 
@@ -258,10 +258,10 @@ def hyper_lstm_cell_bwd_kernel(
         w_cols = dw_ptr + gate3 * HE + j * E
         for e in range(E):
             z_x = tl.load(z_rows + e, mask=row_ok3, other=0.0)
-            z_h = tl.load(z_rows + 4 * E + e, mask=row_ok3, other=0.0)
+            z_h = tl.load(z_rows + H_PATH * E + e, mask=row_ok3, other=0.0)
             w_x = tl.load(w_cols + e, mask=col_ok, other=0.0).to(da_ptr.dtype.element_ty)
-            w_h = tl.load(w_cols + 4 * HE + e, mask=col_ok, other=0.0).to(da_ptr.dtype.element_ty)
-            w_b = tl.load(w_cols + 8 * HE + e, mask=col_ok, other=0.0).to(da_ptr.dtype.element_ty)
+            w_h = tl.load(w_cols + H_PATH * HE + e, mask=col_ok, other=0.0).to(da_ptr.dtype.element_ty)
+            w_b = tl.load(w_cols + BIAS_PATH * HE + e, mask=col_ok, other=0.0).to(da_ptr.dtype.element_ty)
             d_x += z_x * w_x
             d_h += z_h * w_h
             sel = e_ar == e
@@ -273,12 +273,12 @@ def hyper_lstm_cell_bwd_kernel(
     dz_off = dz_ptr + rows3 * stride_dz + gate3 * E + e_ar
     e_ok = row_ok3 & (e_ar < E) & (gate3 < 4)
     tl.store(dz_off, dz_x, mask=e_ok)
-    tl.store(dz_off + 4 * E, dz_h, mask=e_ok)
-    tl.store(dz_off + 8 * E, dz_b, mask=e_ok)
+    tl.store(dz_off + H_PATH * E, dz_h, mask=e_ok)
+    tl.store(dz_off + BIAS_PATH * E, dz_b, mask=e_ok)
     tl.debug_barrier()
 
     # 3. dĥ_t = carry + dz @ z_weight -> scratch (this program's rows)
-    NZ = 12 * E
+    NZ = NUM_PATHS * E
     q_ar = tl.arange(0, BZ)[None, :, None]
     for k0 in range(0, Hh, BN):
         k = k0 + cols
@@ -363,28 +363,11 @@ def hyper_lstm_gates_bwd_kernel(
 # argument types, for the ahead-of-time compile check (hyperkern.compile_check)
 # --------------------------------------------------------------------------------------------
 
-_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-# parameters and d out carry the input's dtype; everything else is an fp32 buffer (the dropout masks too)
-_PARAM_PTRS = {"dw_ptr", "zw_ptr", "ln_w_ptr", "ln_b_ptr", "lnc_w_ptr", "lnc_b_ptr", "hln_w_ptr", "hln_b_ptr",
-               "hlnc_w_ptr", "hlnc_b_ptr", "dout_ptr", "w_hh_ptr", "w_hih_ptr", "w_hhh_ptr"}
-
-
-def signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Every argument of a backward kernel typed for ``triton.compile`` (see the forward module's)."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "lengths_ptr":
-            sig[name] = "*i32"
-        elif name == "seed_ptr":
-            sig[name] = "*i64"
-        elif name in _PARAM_PTRS:
-            sig[name] = _PTR[dtype]
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name in ("forget_bias", "eps", "p_drop", "drop_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+# parameters and d out carry the inputs' dtype; every other pointer is an fp32 buffer (the masks too)
+_PARAM_PTRS = ("dw_ptr", "zw_ptr", "ln_w_ptr", "ln_b_ptr", "lnc_w_ptr", "lnc_b_ptr", "hln_w_ptr", "hln_b_ptr",
+               "hlnc_w_ptr", "hlnc_b_ptr", "dout_ptr", "w_hh_ptr", "w_hih_ptr", "w_hhh_ptr")
+ARG_TYPES = dict(
+    pointers={**{n: "param" for n in _PARAM_PTRS}, "lengths_ptr": "i32", "seed_ptr": "i64"},
+    default_pointer="fp32",
+    scalars={n: "fp32" for n in ("forget_bias", "eps", "p_drop", "drop_scale")},
+)

@@ -46,12 +46,18 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from hyperkern.kernels.common import interpret_requested
+from hyperkern.kernels import common
+
 
 # libdevice tanh on a GPU; the interpreter cannot run libdevice, so 2*sigmoid(2x)-1 there (~1e-7 in
 # fp32). Decided when this module is imported, which is when Triton decides it builds these kernels
 # for the interpreter (kernels.common.interpret_requested).
-USE_LIBDEVICE_TANH = tl.constexpr(not interpret_requested())
+USE_LIBDEVICE_TANH = tl.constexpr(not common.interpret_requested())
+# SPEC's path counts (hyperkern.kernels.common): z and d_weight hold 12 paths of E, in blocks
+NUM_PATHS = tl.constexpr(common.NUM_PATHS)
+NUM_SCALED_PATHS = tl.constexpr(common.NUM_SCALED_PATHS)  # x- and h-paths: only they have a z bias
+H_PATH = tl.constexpr(common.H_PATH)
+BIAS_PATH = tl.constexpr(common.BIAS_PATH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +288,7 @@ def _embeddings(hh_ptr, stride_hh, zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z, r
     q_ar = tl.arange(0, BZ)[None, :, None]
     k_ar = tl.arange(0, BKZ)[None, None, :]
     q2_ar = tl.arange(0, BZ)[None, :]
-    NZ = 12 * E
+    NZ = NUM_PATHS * E
     for q0 in range(0, NZ, BZ):
         q = q0 + q_ar
         q_ok = q < NZ
@@ -294,7 +300,7 @@ def _embeddings(hh_ptr, stride_hh, zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z, r
             wv = tl.load(zw_ptr + q * stride_zw + k, mask=q_ok & k_ok, other=0.0).to(z_ptr.dtype.element_ty)
             acc += tl.sum(hv * wv, axis=2)
         q2 = q0 + q2_ar
-        zb = tl.load(zb_ptr + q2, mask=q2 < 8 * E, other=0.0).to(z_ptr.dtype.element_ty)
+        zb = tl.load(zb_ptr + q2, mask=q2 < NUM_SCALED_PATHS * E, other=0.0).to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + rows[:, None] * stride_z + q2, acc + zb, mask=row_ok[:, None] & (q2 < NZ))
 
 
@@ -325,11 +331,11 @@ def _main_pregates(p_ptr, stride_p, xp_ptr, stride_xpb, bias_ptr, dw_ptr, z_ptr,
         w_cols = dw_ptr + gate3 * HE + j * E  # [1, 4, BN]: d_weight[gate, j, :]
         for e in range(E):
             z_x = tl.load(z_rows + e, mask=row_ok3, other=0.0)
-            z_h = tl.load(z_rows + 4 * E + e, mask=row_ok3, other=0.0)
-            z_b = tl.load(z_rows + 8 * E + e, mask=row_ok3, other=0.0)
+            z_h = tl.load(z_rows + H_PATH * E + e, mask=row_ok3, other=0.0)
+            z_b = tl.load(z_rows + BIAS_PATH * E + e, mask=row_ok3, other=0.0)
             w_x = tl.load(w_cols + e, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
-            w_h = tl.load(w_cols + 4 * HE + e, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
-            w_b = tl.load(w_cols + 8 * HE + e, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
+            w_h = tl.load(w_cols + H_PATH * HE + e, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
+            w_b = tl.load(w_cols + BIAS_PATH * HE + e, mask=col_ok, other=0.0).to(g_ptr.dtype.element_ty)
             d_x += z_x * w_x
             d_h += z_h * w_h
             beta += z_b * w_b
@@ -431,31 +437,13 @@ def hyper_lstm_cell_kernel(
 # argument types, for the ahead-of-time compile check (hyperkern.compile_check)
 # --------------------------------------------------------------------------------------------
 
-_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-# arguments that are always fp32 / int32 buffers, whatever the parameters' dtype
-_F32_BUFFERS = {"h_ptr", "hh_ptr", "xph_ptr", "p_ptr", "ahat_ptr", "chat_prev_ptr", "chat_new_ptr",
+# arguments that are always fp32 / int buffers, whatever the parameters' dtype; the other pointers
+# (parameters, the output) have the inputs' dtype
+_F32_BUFFERS = ("h_ptr", "hh_ptr", "xph_ptr", "p_ptr", "ahat_ptr", "chat_prev_ptr", "chat_new_ptr",
                 "hhat_prev_ptr", "hhat_new_ptr", "z_ptr", "xp_ptr", "g_ptr", "c_prev_ptr", "c_new_ptr",
-                "h_prev_ptr", "h_new_ptr", "m_ptr", "mh_ptr"}
-_F32_SCALARS = {"forget_bias", "eps", "p_drop", "drop_scale"}
-
-
-def signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Every argument of a forward kernel typed for ``triton.compile``, for parameters of ``dtype``
-    ("fp32", "fp16", "bf16"); the arguments in ``constexprs`` (None pointers too) are constexprs."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name == "lengths_ptr":
-            sig[name] = "*i32"
-        elif name == "seed_ptr":
-            sig[name] = "*i64"
-        elif name in _F32_BUFFERS:
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = _PTR[dtype]  # parameters and the output: the input's dtype
-        elif name in _F32_SCALARS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+                "h_prev_ptr", "h_new_ptr", "m_ptr", "mh_ptr")
+ARG_TYPES = dict(
+    pointers={**{n: "fp32" for n in _F32_BUFFERS}, "lengths_ptr": "i32", "seed_ptr": "i64"},
+    default_pointer="param",
+    scalars={n: "fp32" for n in ("forget_bias", "eps", "p_drop", "drop_scale")},
+)

@@ -238,22 +238,10 @@ def static_gen_bwd_weights_kernel(
 
 # --- argument types, for the ahead-of-time compile check (hyperkern.compile_check) ------------------
 
-_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
-
-
-def signature(kernel, dtype: str, constexprs: dict) -> dict:
-    """Every argument typed: *_ptr -> pointer (dst_* int64, pw/pb partials in the ACC dtype), ints
-    -> i32; the arguments in ``constexprs`` (None pointers too) are constexprs."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("dst_base_ptr", "dst_row_ptr"):
-            sig[name] = "*i64"
-        elif name in ("pw_ptr", "pb_ptr"):
-            sig[name] = "*fp64" if dtype == "fp64" else "*fp32"
-        elif name.endswith("_ptr"):
-            sig[name] = _PTR[dtype]
-        else:
-            sig[name] = "i32"
-    return sig
+# every pointer has the inputs' dtype but the tile destinations (int64) and the dw_out / db_out
+# partials (the accumulator's dtype: fp32, fp64 for fp64 inputs); integers are i32
+ARG_TYPES = dict(
+    pointers={"dst_base_ptr": "i64", "dst_row_ptr": "i64", "pw_ptr": "acc", "pb_ptr": "acc"},
+    default_pointer="param",
+    scalars={},
+)

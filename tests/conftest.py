@@ -15,6 +15,12 @@ except Exception:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh Inductor cache per test session: AOTAutograd's on-disk cache does not key on a custom
+# op's Python autograd formula, so another checkout's compiled backward could be replayed.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hyperkern-tests-inductor-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

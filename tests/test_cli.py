@@ -71,7 +71,7 @@ def _cells(line):
 
 def _broken(kind):
     """A "torch" backend that is the reference with exactly one thing wrong."""
-    def fn(x, state, params, cfg, lengths=None, masks=None):
+    def fn(x, state, params, cfg, lengths=None, masks=None, **options):  # options: the calling convention's keywords
         if kind == "ignores_forget_bias":
             cfg = replace(cfg, forget_bias=1.0)
         if kind == "ignores_lengths":
@@ -142,7 +142,7 @@ def test_verify_grad_only_bug_is_reported_on_gradients(patch_torch_backend, caps
 
 
 def test_verify_forward_only_backend_is_checked_forward_only(patch_torch_backend, capsys):
-    def forward_only(x, state, params, cfg, lengths=None, masks=None):
+    def forward_only(x, state, params, cfg, lengths=None, masks=None, **options):  # options: the calling convention's keywords
         if torch.is_grad_enabled() and any(p.requires_grad for p in params.values()):
             raise NotImplementedError("this backend does not support training (forward only)")
         return naive.hyper_lstm_sequence(x, state, params, cfg, lengths, masks)

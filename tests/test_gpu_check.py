@@ -92,7 +92,7 @@ def test_a_planted_hyper_lstm_bug_fails_the_check(monkeypatch, tmp_path):
 
     real = lstm_op.get_backend
 
-    def wrong(x, state, params, cfg, lengths=None, masks=None):
+    def wrong(x, state, params, cfg, lengths=None, masks=None, **options):  # options: the calling convention's keywords
         return naive.hyper_lstm_sequence(x, state, params, replace(cfg, forget_bias=cfg.forget_bias + 0.1),
                                          lengths, masks)
 

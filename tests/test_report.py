@@ -120,7 +120,7 @@ def test_plot_tolerates_missing_sections(tmp_path):
 
 def test_plot_real_sweep_rows(tmp_path):
     pytest.importorskip("matplotlib")
-    from hyperkern.bench import machine_description
+    from hyperkern.timing import machine_description
 
     src = tmp_path / "bench.json"
     src.write_text(json.dumps({"machine": machine_description(), "device": "cpu", "sweep": report.sweep(**TINY)}))

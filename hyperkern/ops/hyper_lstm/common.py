@@ -3,7 +3,7 @@ calling convention of a backend (SPEC §1 is the contract for the maths).
 
 A backend runs ONE cell (one layer, one direction) over a whole sequence:
 
-    out, (h, c, h_hat, c_hat) = backend(x, state, params, cfg, lengths=None, masks=None)
+    out, (h, c, h_hat, c_hat) = backend(x, state, params, cfg, lengths=None, masks=None, *, recompute=False)
 
 - ``x``: ``[T, B, X]``, already in processing order (the module reverses sequences for the
   reverse direction, so backends only ever run forward in time).
@@ -16,6 +16,8 @@ A backend runs ONE cell (one layer, one direction) over a whole sequence:
 - ``masks``: recurrent dropout (multiplies ``tanh(g)``): ``None``, a pair ``(m_main [T, B, H],
   m_hyper [T, B, Hh])`` already scaled by ``1 / (1 - p)``, or a :class:`~.dropout.DropoutSeed`
   ``(seed, p)`` standing for masks every backend derives identically (:mod:`.dropout`).
+- ``recompute``: a training-memory choice. The Triton backend then keeps only every step's state
+  and recomputes the rest in the backward (same gradients, bitwise); the other backends ignore it.
 
 Returns ``out [T, B, H]`` and the final state (each sequence's state at its own last step).
 """
@@ -27,10 +29,9 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .dropout import DropoutSeed
+from hyperkern.kernels.common import NUM_PATHS, NUM_SCALED_PATHS  # noqa: F401  (SPEC's counts, re-exported)
 
-GATES = ("i", "f", "g", "o")  # nn.LSTM order, everywhere
-NUM_PATHS = 12  # z/d paths: x-path (i,f,g,o), h-path (i,f,g,o), bias-path (i,f,g,o)
+from .dropout import DropoutSeed
 
 BASE_PARAM_NAMES = (
     "weight_ih", "weight_hh", "bias",
@@ -76,7 +77,7 @@ class CellConfig:
             "hyper_weight_hh": (4 * Hh, Hh),
             "hyper_bias": (4 * Hh,),
             "z_weight": (NUM_PATHS * E, Hh),
-            "z_bias": (8 * E,),
+            "z_bias": (NUM_SCALED_PATHS * E,),
             "d_weight": (NUM_PATHS, H, E),
             "ln_weight": (4, H),
             "ln_bias": (4, H),
@@ -93,7 +94,7 @@ class CellConfig:
         """SPEC §1 closed form (checked against the modules' real count in the tests)."""
         X, H, Hh, E = self.input_size, self.hidden_size, self.hyper_size, self.embed_size
         n = 4 * Hh * (X + H + Hh) + 4 * Hh + 4 * H * (X + H) + 4 * H
-        n += 12 * Hh * E + 8 * E + 12 * E * H
+        n += NUM_PATHS * Hh * E + NUM_SCALED_PATHS * E + NUM_PATHS * E * H
         if self.layer_norm:
             n += 10 * Hh + 10 * H
         return n
@@ -115,3 +116,57 @@ def needs_grad(x: Tensor, state, params: Dict[str, Tensor]) -> bool:
         return False
     return (x.requires_grad or any(isinstance(s, Tensor) and s.requires_grad for s in state)
             or any(isinstance(p, Tensor) and p.requires_grad for p in params.values()))
+
+
+def register_sequence_autograd(forward_op, backward_op) -> None:
+    """The autograd formula of a backend's sequence op (``hyperkern::hyper_lstm_torch``,
+    ``hyperkern::hyper_lstm_triton``): both share one schema — forward ``(x, h0, c0, ĥ0, ĉ0,
+    params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias, ln_eps,
+    save)`` returning ``[out, h, c, ĥ, ĉ] + saved``, backward ``(x, params, saved, lengths, m_main,
+    m_hyper, seed, p_drop, d_out, dh, dc, dĥ, dĉ, H, Hh, E, layer_norm, forget_bias, ln_eps)``
+    returning ``[dx, dh0, dc0, dĥ0, dĉ0] + parameter gradients``."""
+    name = str(forward_op)
+
+    def setup_context(ctx, inputs, output):
+        x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, *scalars = inputs
+        ctx.scalars, ctx.p_drop = scalars[:6], p_drop  # H .. ln_eps (not ``save``)
+        ctx.state_dtypes = [s.dtype for s in (h0, c0, hh0, ch0)]
+        ctx.n_params, ctx.n_nondiff = len(params), len(inputs) - 6  # x, the 4 states, params
+        optional = (lengths, m_main, m_hyper, seed)
+        ctx.present = [t is not None for t in optional]  # only tensors are saved (AOT autograd drops Nones)
+        ctx.save_for_backward(x, *(t for t in optional if t is not None), *params, *output[5:])
+
+    def backward(ctx, grads):
+        x, *rest = ctx.saved_tensors
+        rest = iter(rest)
+        lengths, m_main, m_hyper, seed = (next(rest) if present else None for present in ctx.present)
+        rest = list(rest)
+        params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
+        if not saved:
+            raise RuntimeError(f"{name} ran with save=False: nothing kept for the backward")
+        res = backward_op(x, list(params), list(saved), lengths, m_main, m_hyper, seed, ctx.p_drop, *grads[:5],
+                          *ctx.scalars)
+        d_state = [g.to(dt) for g, dt in zip(res[1:5], ctx.state_dtypes)]
+        return (res[0], *d_state, list(res[5:])) + (None,) * ctx.n_nondiff
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
+def check_state(state, shapes, device, name: str = "state", dtype=None) -> Tuple[Tensor, ...]:
+    """Validate a 4-tuple ``(h, c, h_hat, c_hat)`` against ``shapes`` (one per field) and ``device``
+    (and ``dtype``; None: any floating dtype). Raises TypeError / ValueError naming the field."""
+    if not isinstance(state, (tuple, list)) or len(state) != 4:
+        raise TypeError(f"{name} must be a HyperLSTMState or a 4-tuple (h, c, h_hat, c_hat), "
+                        f"got {type(state).__name__}")
+    for field, s, shape in zip(HyperLSTMState._fields, state, shapes):
+        if not isinstance(s, Tensor):
+            raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(s).__name__}")
+        if tuple(s.shape) != tuple(shape):
+            raise ValueError(f"{name}.{field} must have shape {tuple(shape)}, got {tuple(s.shape)}")
+        if dtype is not None and s.dtype != dtype:
+            raise TypeError(f"{name}.{field} must have dtype {dtype}, got {s.dtype}")
+        if not s.dtype.is_floating_point:
+            raise TypeError(f"{name}.{field} must be floating point, got {s.dtype}")
+        if s.device != torch.device(device):
+            raise ValueError(f"{name}.{field} must be on device {device}, got {s.device}")
+    return tuple(state)

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from .common import CellConfig, Lengths, Masks, cell_config, needs_grad
+from .common import (NUM_PATHS, NUM_SCALED_PATHS, CellConfig, Lengths, Masks, cell_config, needs_grad,
+                     register_sequence_autograd)
 from .cpu.gemm import Linear
 from .dropout import masks_from_op, masks_to_op, seeded_masks
 
@@ -180,7 +181,7 @@ def _eager_forward_loop(XP, HS, C, CH, A, AH, WH, Z, S, SH, lin_hh: Linear, lin_
     """The time loop of the forward in torch ops (the C++ ``forward_loop`` step for step)."""
     T, B = XP.shape[:2]
     H, K, E = main.K, hyper.K, dwT.shape[1]
-    d_buf = XP.new_empty(12 * B * H)  # the step's scaling vectors (a per-call buffer: no page faults per step)
+    d_buf = XP.new_empty(NUM_PATHS * B * H)  # the step's scaling vectors (a per-call buffer: no page faults per step)
     for t in range(T):
         n = counts[t]
         if n < B:  # finished sequences carry their state
@@ -191,7 +192,7 @@ def _eager_forward_loop(XP, HS, C, CH, A, AH, WH, Z, S, SH, lin_hh: Linear, lin_
         hyper.forward(ah.view(n, 4, K), CH[t, :n], None if m_hyper is None else m_hyper[t, :n],
                       CH[t + 1, :n], HS[t + 1, :n, H:], SH[t, :n])
         z = torch.addmm(z_b, HS[t + 1, :n, H:], z_w.t(), out=Z[t, :n])  # [n, 12E], from the NEW ĥ
-        d = torch.bmm(z.view(n, 12, E).transpose(0, 1), dwT, out=d_buf[:12 * n * H].view(12, n, H))
+        d = torch.bmm(z.view(n, NUM_PATHS, E).transpose(0, 1), dwT, out=d_buf[:NUM_PATHS * n * H].view(NUM_PATHS, n, H))
         d_x, d_h, beta = d.view(3, 4, n, H).transpose(1, 2).unbind(0)  # [n, 4, H] each
         wh = lin_hh(hs[:, :H])
         if keep_wh:
@@ -224,7 +225,7 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
     # (rows of finished sequences are zero, so that every output of the op is defined)
     kept = T if save else 1
     new = x.new_zeros if counts[-1] < B else x.new_empty
-    A, AH, WH, Z = (new(kept, B, w).expand(T, B, w) for w in (4 * H, 4 * K, 4 * H, 12 * E))
+    A, AH, WH, Z = (new(kept, B, w).expand(T, B, w) for w in (4 * H, 4 * K, 4 * H, NUM_PATHS * E))
     S = new(kept, 2, B, N_STATS if cfg.layer_norm else 0).expand(T, -1, -1, -1)
     SH = S[:, 1]
     ext = _loop_impl(x)
@@ -270,7 +271,7 @@ def _eager_backward_loop(XP, C, CH, A, AH, WH, Z, S, SH, d_out, dh, dc, dhh, dch
     T, B = XP.shape[:2]
     H, K, E = main.K, hyper.K, dwT.shape[1]
     d_w = dwT.transpose(1, 2)  # [12, H, E]
-    d_buf, dd_buf = XP.new_empty(8 * B * H), XP.new_empty(12 * B * H)
+    d_buf, dd_buf = XP.new_empty(NUM_SCALED_PATHS * B * H), XP.new_empty(NUM_PATHS * B * H)
     for t in reversed(range(T)):
         n = counts[t]
         if d_out is not None:
@@ -278,19 +279,19 @@ def _eager_backward_loop(XP, C, CH, A, AH, WH, Z, S, SH, d_out, dh, dc, dhh, dch
         da, dg, an, dcn, ch = main.backward(dh[:n], dc[:n], A[t, :n].view(n, 4, H), S[t, :n], C[t, :n],
                                             C[t + 1, :n], None if m_main is None else m_main[t, :n])
         # a = d_x ⊙ xp + d_h ⊙ wh + bias + beta
-        zt = Z[t, :n].view(n, 12, E).transpose(0, 1)  # [12, n, E]
-        d = torch.bmm(zt[:8], dwT[:8], out=d_buf[:8 * n * H].view(8, n, H))
+        zt = Z[t, :n].view(n, NUM_PATHS, E).transpose(0, 1)  # [12, n, E]
+        d = torch.bmm(zt[:NUM_SCALED_PATHS], dwT[:NUM_SCALED_PATHS], out=d_buf[:NUM_SCALED_PATHS * n * H].view(NUM_SCALED_PATHS, n, H))
         d_x, d_h = d.view(2, 4, n, H).transpose(1, 2).unbind(0)
         torch.mul(da, d_x, out=DXP[t, :n, :4 * H].view(n, 4, H))
         torch.mul(da, d_h, out=DWH[t, :n].view(n, 4, H))
-        dd = dd_buf[:12 * n * H].view(12, n, H)  # d/d(scaling vectors), paths x, h, bias
+        dd = dd_buf[:NUM_PATHS * n * H].view(NUM_PATHS, n, H)  # d/d(scaling vectors), paths x, h, bias
         dd_x, dd_h, dd_b = dd.view(3, 4, n, H).transpose(1, 2).unbind(0)
         torch.mul(da, XP[t, :n, :4 * H].view(n, 4, H), out=dd_x)
         torch.mul(da, WH[t, :n].view(n, 4, H), out=dd_h)
         dd_b.copy_(da)
-        dz = Z.new_empty(12, n, E)
+        dz = Z.new_empty(NUM_PATHS, n, E)
         torch.bmm(dd, d_w, out=dz)
-        DZ[t, :n] = dz.transpose(0, 1).reshape(n, 12 * E)
+        DZ[t, :n] = dz.transpose(0, 1).reshape(n, NUM_PATHS * E)
         acc[0].add_(da.sum(0).view(4 * H))
         acc[1].baddbmm_(zt.transpose(1, 2).to(acc[1].dtype), dd.to(acc[1].dtype))
         dhh[:n].addmm_(DZ[t, :n], z_w)
@@ -326,9 +327,9 @@ def _backward(x: Tensor, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int
     new = x.new_zeros if counts[-1] < B else x.new_empty
     DXP = new(T, B, 4 * H + 4 * K)  # d/dXP: [d_x ⊙ da (main) | d a_hat (hyper)]
     DWH = new(T, B, 4 * H)  # d/d(h_{t-1} W_hh^T) = d_h ⊙ da
-    DZ = new(T, B, 12 * E)
+    DZ = new(T, B, NUM_PATHS * E)
     acc_dt = _acc_dtype(x.dtype)
-    acc = [torch.zeros(4 * H, dtype=acc_dt, device=x.device), torch.zeros(12, E, H, dtype=acc_dt, device=x.device)]
+    acc = [torch.zeros(4 * H, dtype=acc_dt, device=x.device), torch.zeros(NUM_PATHS, E, H, dtype=acc_dt, device=x.device)]
     if cfg.layer_norm:
         acc += [torch.zeros(s, dtype=acc_dt, device=x.device) for k in (H, K) for s in ((4, k), (4, k), (k,), (k,))]
     ext = _loop_impl(x)
@@ -353,8 +354,8 @@ def _backward(x: Tensor, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int
         "hyper_weight_ih": torch.cat([dW_x[4 * H:], dW_rec[:, :H]], 1),
         "hyper_weight_hh": dW_rec[:, H:],
         "hyper_bias": DXP2[:, 4 * H:].sum(0),
-        "z_weight": DZ.view(TB, 12 * E).t() @ HS[1:, :, H:].reshape(TB, K),
-        "z_bias": DZ.view(TB, 12 * E)[:, :8 * E].sum(0),
+        "z_weight": DZ.view(TB, NUM_PATHS * E).t() @ HS[1:, :, H:].reshape(TB, K),
+        "z_bias": DZ.view(TB, NUM_PATHS * E)[:, :NUM_SCALED_PATHS * E].sum(0),
         "d_weight": acc[1].transpose(1, 2),
     }
     if cfg.layer_norm:
@@ -398,7 +399,7 @@ def hyper_lstm_torch_op(
 
 def _saved_shapes(T: int, B: int, X: int, H: int, Hh: int, E: int, layer_norm: bool):
     return [(T, B, 4 * H + 4 * Hh), (T + 1, B, H + Hh), (T + 1, B, H), (T + 1, B, Hh), (T, B, 4 * H), (T, B, 4 * Hh),
-            (T, B, 4 * H), (T, B, 12 * E), (T, 2, B, N_STATS if layer_norm else 0)]
+            (T, B, 4 * H), (T, B, NUM_PATHS * E), (T, 2, B, N_STATS if layer_norm else 0)]
 
 
 @hyper_lstm_torch_op.register_fake
@@ -436,35 +437,14 @@ def _(x, params, saved, lengths, m_main, m_hyper, seed, p_drop, d_out, dh, dc, d
         [torch.empty_like(q) for q in params]
 
 
-def _setup_context(ctx, inputs, output):
-    x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, *scalars = inputs
-    ctx.scalars = scalars[:6]
-    ctx.p_drop = p_drop
-    ctx.state_dtypes = [s.dtype for s in (h0, c0, hh0, ch0)]
-    ctx.n_params = len(params)
-    ctx.save_for_backward(x, lengths, m_main, m_hyper, seed, *params, *output[5:])
+register_sequence_autograd(hyper_lstm_torch_op, torch.ops.hyperkern.hyper_lstm_torch_backward)
 
 
-def _backward_autograd(ctx, grads):
-    x, lengths, m_main, m_hyper, seed, *rest = ctx.saved_tensors
-    params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
-    if not saved:
-        raise RuntimeError("hyperkern::hyper_lstm_torch ran with save=False: nothing kept for the backward")
-    d_out, dh, dc, dhh, dch = grads[:5]
-    res = torch.ops.hyperkern.hyper_lstm_torch_backward(
-        x, list(params), list(saved), lengths, m_main, m_hyper, seed, ctx.p_drop, d_out, dh, dc, dhh, dch,
-        *ctx.scalars)
-    d_state = [g.to(dt) for g, dt in zip(res[1:5], ctx.state_dtypes)]
-    return (res[0], *d_state, list(res[5:])) + (None,) * 12  # lengths, m_main, m_hyper, seed, p_drop, 7 scalars
-
-
-hyper_lstm_torch_op.register_autograd(_backward_autograd, setup_context=_setup_context)
-
-
-def hyper_lstm_sequence(x: Tensor, state, params, cfg: CellConfig, lengths: Lengths = None, masks: Masks = None):
+def hyper_lstm_sequence(x: Tensor, state, params, cfg: CellConfig, lengths: Lengths = None, masks: Masks = None,
+                        *, recompute: bool = False):
     """Run one cell over ``x [T, B, X]`` (calling convention in ``common``): one call of the custom
     op ``hyperkern::hyper_lstm_torch``, which keeps what the backward needs only when a gradient
-    is wanted."""
+    is wanted (``recompute`` does not apply: this backend keeps pre-activations and statistics)."""
     save = needs_grad(x, state, params)
     flat = [params[n] for n in cfg.param_names()]
     m_main, m_hyper, seed, p_drop = masks_to_op(masks)

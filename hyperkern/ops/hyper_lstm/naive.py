@@ -10,7 +10,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from .common import CellConfig, Lengths, Masks
+from .common import NUM_PATHS, CellConfig, Lengths, Masks
 from .dropout import mask_tensors
 
 
@@ -54,7 +54,7 @@ def cell_step(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, masks=(No
     # 2. embeddings from the new hyper state, then the 12 scaling vectors
     z_bias = torch.cat([p["z_bias"], p["z_bias"].new_zeros(4 * E)])
     z = h_hat @ p["z_weight"].T + z_bias
-    d = [z[:, k * E:(k + 1) * E] @ p["d_weight"][k].T for k in range(12)]
+    d = [z[:, k * E:(k + 1) * E] @ p["d_weight"][k].T for k in range(NUM_PATHS)]
 
     # 3. main cell: row-scaled matmuls, per gate
     gates = []
@@ -73,9 +73,10 @@ def cell_step(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, masks=(No
 
 def hyper_lstm_sequence(
     x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
-    lengths: Lengths = None, masks: Masks = None,
+    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Run one cell over ``x [T, B, X]`` (calling convention in ``common``)."""
+    """Run one cell over ``x [T, B, X]`` (calling convention in ``common``; ``recompute`` does not
+    apply: autograd keeps what it keeps)."""
     T = x.shape[0]
     masks = mask_tensors(masks, T, x.shape[1], cfg.hidden_size, cfg.hyper_size, x.dtype)
     outputs = []

@@ -58,10 +58,6 @@ class StaticGenShapes:
     def n_cols(self) -> int:  # N_out * k * k, the columns of S
         return self.block_out * self.kk
 
-    @property
-    def tile_numel(self) -> int:
-        return self.block_out * self.block_in * self.kk
-
 
 def check_inputs(z: Tensor, w_in: Tensor, b_in: Optional[Tensor], w_out: Tensor, b_out: Optional[Tensor],
                  kernel_size: int) -> StaticGenShapes:

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import torch
 
-from hyperkern.kernels.common import cdiv, interpret_requested
+from hyperkern.kernels.common import cdiv, interpreted
 
 from .. import precision
 from . import configs
@@ -42,11 +42,19 @@ def hidden_limit(hidden=None, **_):
     return None
 
 
+def kernels_interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (decided when they were first imported;
+    this imports them, hence Triton)."""
+    from hyperkern.kernels import static_gen
+
+    return interpreted(static_gen.static_gen_fwd_kernel)
+
+
 def check_supported(z: torch.Tensor, d: int) -> None:
     """Raise if the Triton path cannot run these inputs (dtype, device, hidden size)."""
     if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the triton backend supports float16, bfloat16, float32 and float64 inputs, got {z.dtype}")
-    if z.device.type != "cuda" and not interpret_requested():
+    if z.device.type != "cuda" and not kernels_interpreted():
         raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {z.device}")
     why = hidden_limit(d)
     if why is not None:
@@ -67,7 +75,7 @@ def _launch(launch, grid, args: dict):
 def _launches(z: torch.Tensor, d: int, has_b_in: bool, has_b_out: bool):
     """The three kernels' launches for these inputs (configs.launch; dots per hyperkern.ops.precision)."""
     dt = precision.DTYPE_NAMES[z.dtype]
-    dot = precision.dot_precision(z.dtype, interpreted=z.device.type == "cpu")
+    dot = precision.dot_precision(z.dtype, interpreted=z.device.type == "cpu")  # CPU tensors: interpreted kernels
     return {k: configs.launch(k, d, dt, dot, has_b_in, has_b_out) for k in configs.KERNELS}
 
 

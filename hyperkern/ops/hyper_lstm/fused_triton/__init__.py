@@ -11,15 +11,5 @@ Importing this package does not import Triton (the kernels are imported at the f
 from . import configs, launch, op
 from .configs import (all_bwd_kernel_configs, all_kernel_configs, all_launches, choose_bwd_configs,  # noqa: F401
                       choose_configs)
-from .launch import (INTERPRETER_DTYPES, SUPPORTED_DTYPES, float64_interpreter, kernels_interpreted,  # noqa: F401
-                     run_backward, run_sequence)
-from .op import SAVED_NAMES, SAVED_NAMES_STATES, hyper_lstm_sequence, recompute  # noqa: F401
-
-
-def __getattr__(name):
-    """The training-memory and test modes live in the modules that read them."""
-    if name == "RECOMPUTE":
-        return op.RECOMPUTE
-    if name == "FLOAT64_INTERPRETER":
-        return launch.FLOAT64_INTERPRETER
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from .launch import INTERPRETER_DTYPES, SUPPORTED_DTYPES, kernels_interpreted, run_backward, run_sequence  # noqa: F401
+from .op import SAVED_NAMES, SAVED_NAMES_STATES, hyper_lstm_sequence  # noqa: F401

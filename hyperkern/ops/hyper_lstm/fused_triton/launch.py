@@ -29,38 +29,20 @@ from torch import Tensor
 from hyperkern.kernels.common import cdiv, interpreted
 
 from ... import precision
-from ..common import CellConfig, Lengths, Masks, NUM_PATHS
+from ..common import NUM_PATHS, NUM_SCALED_PATHS, CellConfig, Lengths, Masks, check_state
 from ..dropout import DropoutSeed, check_seed, keep_scale
 from ...launches import Launch
 from . import configs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # on CUDA
-INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the interpreter's bf16 arithmetic is wrong
+# In the interpreter (CPU tensors): the interpreter's bf16 arithmetic is wrong. The kernels also
+# run float64 there (their state, scratch and accumulators take the buffers' dtype): the tests add
+# float64 here (a fixture) so that gradcheck can run through the kernels; users cannot.
+INTERPRETER_DTYPES = (torch.float32, torch.float16)
 _DTYPE_NAME = precision.DTYPE_NAMES
-# Tests only: float64 inputs run the kernels with float64 state, scratch and accumulators (the
-# kernels take their accumulator dtype from the state buffers), in the interpreter on CPU tensors,
-# so that torch.autograd.gradcheck can run through the Triton kernels. See :class:`float64_interpreter`.
-FLOAT64_INTERPRETER = False
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the state, scratch and statistics buffers: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class float64_interpreter:
-    """``with fused_triton.float64_interpreter():`` accept float64 CPU tensors (interpreter only;
-    the kernels then compute in float64 throughout) — for ``gradcheck`` through the kernels."""
-
-    def __enter__(self):
-        global FLOAT64_INTERPRETER
-        self.prev, FLOAT64_INTERPRETER = FLOAT64_INTERPRETER, True
-        return self
-
-    def __exit__(self, *exc):
-        global FLOAT64_INTERPRETER
-        FLOAT64_INTERPRETER = self.prev
-        return False
 
 
 def kernels_interpreted() -> bool:
@@ -151,7 +133,7 @@ def _check_inputs(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, 
         if x.dtype == torch.bfloat16:
             raise TypeError("bfloat16 cannot run in the Triton interpreter (its bf16 arithmetic is wrong); "
                             "use a CUDA device, or float32/float16")
-        if x.dtype not in INTERPRETER_DTYPES + ((torch.float64,) if FLOAT64_INTERPRETER else ()):
+        if x.dtype not in INTERPRETER_DTYPES:
             raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {x.dtype}")
         if not kernels_interpreted():
             raise RuntimeError("backend='triton' got CPU tensors but the Triton interpreter is off: set "
@@ -176,17 +158,7 @@ def _check_inputs(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, 
         if p.device != x.device:
             raise ValueError(f"params[{name!r}] is on {p.device}, x on {x.device}")
     H, Hh = cfg.hidden_size, cfg.hyper_size
-    if not isinstance(state, (tuple, list)) or len(state) != 4:
-        raise TypeError("state must be a 4-tuple (h, c, h_hat, c_hat)")
-    for field, s, n in zip(("h", "c", "h_hat", "c_hat"), state, (H, H, Hh, Hh)):
-        if not isinstance(s, Tensor):
-            raise TypeError(f"state.{field} must be a torch.Tensor, got {type(s).__name__}")
-        if tuple(s.shape) != (B, n):
-            raise ValueError(f"state.{field} must have shape {(B, n)}, got {tuple(s.shape)}")
-        if s.device != x.device:
-            raise ValueError(f"state.{field} is on {s.device}, x on {x.device}")
-        if not s.dtype.is_floating_point:
-            raise TypeError(f"state.{field} must be floating point, got {s.dtype}")
+    check_state(state, [(B, n) for n in (H, H, Hh, Hh)], x.device)
     if lengths is not None:
         if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.numel() != B \
                 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
@@ -551,7 +523,7 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
         "hyper_weight_hh": DXh.t() @ hhs2,
         "hyper_bias": DXh.sum(0),
         "z_weight": DZ.reshape(TB, NUM_PATHS * E).t() @ HHs[1:].reshape(TB, Hh),
-        "z_bias": DZ.reshape(TB, NUM_PATHS * E)[:, :8 * E].sum(0),
+        "z_bias": DZ.reshape(TB, NUM_PATHS * E)[:, :NUM_SCALED_PATHS * E].sum(0),
         "d_weight": torch.bmm(dd, zz),
     }
     if cfg.layer_norm:

@@ -13,22 +13,24 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import NUM_PATHS, CellConfig, Lengths, Masks, cell_config, needs_grad
+from ..common import NUM_PATHS, CellConfig, Lengths, Masks, cell_config, needs_grad, register_sequence_autograd
 from ..dropout import masks_from_op, masks_to_op
 from .launch import _acc_dtype, _check_inputs, run_backward, run_sequence
 
 
 def hyper_lstm_sequence(
     x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
-    lengths: Lengths = None, masks: Masks = None,
+    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Run one cell over ``x [T, B, X]`` with the fused Triton kernels (calling convention in ``common``).
 
     One call of the custom op ``hyperkern::hyper_lstm_triton``. With gradients required the op
-    also returns every step's state, P, G, Â and z (or only the states, :class:`recompute`), and
-    its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``)."""
+    also returns every step's state, P, G, Â and z — or, with ``recompute``, only every step's
+    state: the backward then rebuilds XP with one GEMM and re-runs each step's forward kernels (2
+    more launches per step, 4 in all) to get P, G, Â and z, giving bitwise the same gradients —
+    and its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``)."""
     _check_inputs(x, state, params, cfg, lengths, masks)
-    save = (2 if RECOMPUTE else 1) if needs_grad(x, state, params) else 0
+    save = (2 if recompute else 1) if needs_grad(x, state, params) else 0
     flat = [params[n] for n in cfg.param_names()]
     m_main, m_hyper, seed, p_drop = masks_to_op(masks)
     res = torch.ops.hyperkern.hyper_lstm_triton(
@@ -44,29 +46,6 @@ def hyper_lstm_sequence(
 
 SAVED_NAMES = ("H", "C", "HH", "CH", "P", "G", "AH", "Z", "XP", "lens")  # save=1 (full)
 SAVED_NAMES_STATES = ("H", "C", "HH", "CH", "lens")  # save=2 (recompute mode)
-
-RECOMPUTE = False  # training memory mode of backend="triton"; see :func:`recompute`
-
-
-class recompute:
-    """``with fused_triton.recompute():`` (or ``recompute(False)``) — training forwards inside
-    keep only the states h, c, ĥ, ĉ of every step; the backward rebuilds XP with one GEMM and
-    re-runs each step's forward kernels (2 more launches per step, 4 in all) to get P, G, Â, z.
-    Gradients are bitwise identical to the default mode (same kernels, same inputs)."""
-
-    def __init__(self, on: bool = True):
-        self.on = bool(on)
-
-    def __enter__(self):
-        global RECOMPUTE
-        self.prev, RECOMPUTE = RECOMPUTE, self.on
-        return self
-
-    def __exit__(self, *exc):
-        global RECOMPUTE
-        RECOMPUTE = self.prev
-        return False
-
 
 def _saved_shapes(T, B, H, Hh, E):
     return {"H": (T + 1, B, H), "C": (T + 1, B, H), "HH": (T + 1, B, Hh), "CH": (T + 1, B, Hh),
@@ -110,11 +89,13 @@ def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh
 
 @torch.library.custom_op("hyperkern::hyper_lstm_triton_backward", mutates_args=())
 def hyper_lstm_triton_backward_op(
-    x: Tensor, params: List[Tensor], saved: List[Tensor], m_main: Optional[Tensor], m_hyper: Optional[Tensor],
-    seed: Optional[Tensor], p_drop: float, d_out: Optional[Tensor], dh: Optional[Tensor], dc: Optional[Tensor],
-    dhh: Optional[Tensor], dch: Optional[Tensor], H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float,
+    x: Tensor, params: List[Tensor], saved: List[Tensor], lengths: Optional[Tensor], m_main: Optional[Tensor],
+    m_hyper: Optional[Tensor], seed: Optional[Tensor], p_drop: float, d_out: Optional[Tensor], dh: Optional[Tensor],
+    dc: Optional[Tensor], dhh: Optional[Tensor], dch: Optional[Tensor],
+    H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float,
 ) -> List[Tensor]:
-    """[d x, d h0, d c0, d ĥ0, d ĉ0] + the parameter gradients (``cfg.param_names()`` order)."""
+    """[d x, d h0, d c0, d ĥ0, d ĉ0] + the parameter gradients (``cfg.param_names()`` order).
+    (``lengths``: the sequence op's schema; the device lengths are among the ``saved`` tensors.)"""
     cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
     sv = dict(zip(SAVED_NAMES if len(saved) == len(SAVED_NAMES) else SAVED_NAMES_STATES, saved))
@@ -124,35 +105,11 @@ def hyper_lstm_triton_backward_op(
 
 
 @hyper_lstm_triton_backward_op.register_fake
-def _(x, params, saved, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm, forget_bias,
-      ln_eps):
+def _(x, params, saved, lengths, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm,
+      forget_bias, ln_eps):
     B = x.shape[1]
     return [torch.empty_like(x), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)] + \
         [torch.empty_like(q) for q in params]
 
 
-_SCALARS = ("H", "Hh", "E", "layer_norm", "forget_bias", "ln_eps")
-
-
-def _setup_context(ctx, inputs, output):
-    x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, *scalars = inputs
-    ctx.scalars = scalars[:6]
-    ctx.p_drop = p_drop
-    ctx.state_dtypes = [s.dtype for s in (h0, c0, hh0, ch0)]
-    ctx.n_params = len(params)
-    ctx.save_for_backward(x, m_main, m_hyper, seed, *params, *output[5:])
-
-
-def _backward(ctx, grads):
-    x, m_main, m_hyper, seed, *rest = ctx.saved_tensors
-    params, saved = rest[:ctx.n_params], rest[ctx.n_params:]
-    if not saved:
-        raise RuntimeError("hyperkern::hyper_lstm_triton ran with save=False: nothing kept for the backward")
-    d_out, dh, dc, dhh, dch = grads[:5]
-    res = torch.ops.hyperkern.hyper_lstm_triton_backward(
-        x, list(params), list(saved), m_main, m_hyper, seed, ctx.p_drop, d_out, dh, dc, dhh, dch, *ctx.scalars)
-    d_state = [g.to(dt) for g, dt in zip(res[1:5], ctx.state_dtypes)]
-    return (res[0], *d_state, list(res[5:])) + (None,) * 12  # lengths, m_main, m_hyper, seed, p_drop, 7 scalars
-
-
-hyper_lstm_triton_op.register_autograd(_backward, setup_context=_setup_context)
+register_sequence_autograd(hyper_lstm_triton_op, torch.ops.hyperkern.hyper_lstm_triton_backward)
