@@ -430,7 +430,7 @@ def format_table(rs: Sequence[Dict]) -> str:
             "modelled, not measured: no CUDA device here, every GPU figure below is a prediction")
     out = [f"HyperLSTM Triton forward, per timestep of one cell ({note})",
            f"assumed peaks: HBM {p['hbm_bw'] / 1e12:.2f} TB/s, L2 {p['l2_bytes'] / 1e6:.0f} MB, {p['sms']} SMs, "
-           f"tf32 {p['flops']['fp32'] / 1e12:.0f} / bf16 {p['flops']['bf16'] / 1e12:.0f} TFLOP/s dense, launch "
+           f"tf32 {p['flops']['tf32'] / 1e12:.0f} / bf16 {p['flops']['bf16'] / 1e12:.0f} TFLOP/s dense, launch "
            f"{p['launch_graph'] * 1e6:.0f} µs (CUDA graph) / {p['launch_host'] * 1e6:.0f} µs (host), "
            f"round trip {p['latency'] * 1e6:.1f} µs HBM / {p['latency_l2'] * 1e6:.1f} µs L2, per SM "
            f"{p['sm_bw'] / 1e9:.0f} GB/s HBM / {p['sm_l2_bw'] / 1e9:.0f} GB/s L2, L2 {p['l2_bw'] / 1e12:.1f} TB/s",

@@ -118,6 +118,17 @@ def needs_grad(x: Tensor, state, params: Dict[str, Tensor]) -> bool:
             or any(isinstance(p, Tensor) and p.requires_grad for p in params.values()))
 
 
+def fake_sequence_outputs(x: Tensor, H: int, Hh: int):
+    """The shapes of a sequence op's first outputs ``[out, h, c, ĥ, ĉ]`` (its ``register_fake``)."""
+    T, B = x.shape[:2]
+    return [x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)]
+
+
+def fake_sequence_grads(x: Tensor, params, H: int, Hh: int):
+    """The shapes of a sequence backward op's outputs ``[dx, dh0, dc0, dĥ0, dĉ0] + parameter grads``."""
+    return [torch.empty_like(x)] + fake_sequence_outputs(x, H, Hh)[1:] + [torch.empty_like(q) for q in params]
+
+
 def register_sequence_autograd(forward_op, backward_op) -> None:
     """The autograd formula of a backend's sequence op (``hyperkern::hyper_lstm_torch``,
     ``hyperkern::hyper_lstm_triton``): both share one schema — forward ``(x, h0, c0, ĥ0, ĉ0,

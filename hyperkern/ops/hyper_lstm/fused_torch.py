@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from .common import (NUM_PATHS, NUM_SCALED_PATHS, CellConfig, Lengths, Masks, cell_config, needs_grad,
-                     register_sequence_autograd)
+from .common import (NUM_PATHS, NUM_SCALED_PATHS, CellConfig, Lengths, Masks, cell_config, fake_sequence_grads,
+                     fake_sequence_outputs, needs_grad, register_sequence_autograd)
 from .cpu.gemm import Linear
 from .dropout import masks_from_op, masks_to_op, seeded_masks
 
@@ -405,10 +405,9 @@ def _saved_shapes(T: int, B: int, X: int, H: int, Hh: int, E: int, layer_norm: b
 @hyper_lstm_torch_op.register_fake
 def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
       ln_eps, save):
-    T, B, X = x.shape
-    res = [x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)]
+    res = fake_sequence_outputs(x, H, Hh)
     if save:
-        res += [x.new_empty(s) for s in _saved_shapes(T, B, X, H, Hh, E, layer_norm)]
+        res += [x.new_empty(s) for s in _saved_shapes(*x.shape, H, Hh, E, layer_norm)]
     return res
 
 
@@ -432,9 +431,7 @@ def hyper_lstm_torch_backward_op(
 @hyper_lstm_torch_backward_op.register_fake
 def _(x, params, saved, lengths, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm,
       forget_bias, ln_eps):
-    B = x.shape[1]
-    return [torch.empty_like(x), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)] + \
-        [torch.empty_like(q) for q in params]
+    return fake_sequence_grads(x, params, H, Hh)
 
 
 register_sequence_autograd(hyper_lstm_torch_op, torch.ops.hyperkern.hyper_lstm_torch_backward)

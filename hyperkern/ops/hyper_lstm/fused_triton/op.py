@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import NUM_PATHS, CellConfig, Lengths, Masks, cell_config, needs_grad, register_sequence_autograd
+from ..common import (NUM_PATHS, CellConfig, Lengths, Masks, cell_config, fake_sequence_grads, fake_sequence_outputs,
+                      needs_grad, register_sequence_autograd)
 from ..dropout import masks_from_op, masks_to_op
 from .launch import _acc_dtype, _check_inputs, run_backward, run_sequence
 
@@ -78,10 +79,9 @@ def hyper_lstm_triton_op(
 @hyper_lstm_triton_op.register_fake
 def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
       ln_eps, save):
-    T, B, _ = x.shape
-    res = [x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)]
+    res = fake_sequence_outputs(x, H, Hh)
     if save:
-        shapes = _saved_shapes(T, B, H, Hh, E)
+        shapes = _saved_shapes(x.shape[0], x.shape[1], H, Hh, E)
         for n in (SAVED_NAMES if save == 1 else SAVED_NAMES_STATES):
             res.append(x.new_empty(shapes[n], dtype=torch.int32 if n == "lens" else _acc_dtype(x.dtype)))
     return res
@@ -107,9 +107,7 @@ def hyper_lstm_triton_backward_op(
 @hyper_lstm_triton_backward_op.register_fake
 def _(x, params, saved, lengths, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm,
       forget_bias, ln_eps):
-    B = x.shape[1]
-    return [torch.empty_like(x), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)] + \
-        [torch.empty_like(q) for q in params]
+    return fake_sequence_grads(x, params, H, Hh)
 
 
 register_sequence_autograd(hyper_lstm_triton_op, torch.ops.hyperkern.hyper_lstm_triton_backward)
