@@ -180,32 +180,36 @@ def _cell_bwd(a_ptr, stride_a, N,                       # saved pre-norm gates [
 @triton.jit(do_not_specialize=["t"])
 def hyper_lstm_cell_bwd_kernel(
     t, B, H, Hh, E, lengths_ptr,
-    # saved forward tensors of step t
-    g_ptr, stride_g,                                  # main pre-norm gates G[t] [B, 4H]
-    p_ptr, stride_p,                                  # P[t] = h_{t-1} @ W_hh^T [B, 4H]
-    xp_ptr, stride_xpb,                               # XP_main[t] [B, 4H] (view)
-    z_ptr, stride_z,                                  # z[t] [B, 12E]
-    c_prev_ptr, c_new_ptr, stride_s,                  # c_{t-1}, c_t [B, H]
-    ahat_ptr, stride_ahat,                            # Â[t] [B, 4Hh]
-    chat_prev_ptr, chat_new_ptr, stride_hs,           # ĉ_{t-1}, ĉ_t [B, Hh]
+    # saved forward tensors (stride_*t: the time stride; step t's slice is taken here)
+    g_ptr, stride_gt, stride_g,                       # main pre-norm gates G [T, B, 4H]
+    p_ptr, stride_pt, stride_p,                       # P = h_{t-1} @ W_hh^T [T, B, 4H]
+    xp_ptr, stride_xpt, stride_xpb,                   # XP_main [T, B, 4H] (view)
+    z_ptr, stride_zt, stride_z,                       # z [T, B, 12E]
+    c_ptr, slot_s, stride_s,                          # c [T+1, B, H]: c_{t-1} = slot t, c_t = slot t + 1
+    ahat_ptr, stride_aht, stride_ahat,                # Â [T, B, 4Hh]
+    chat_ptr, slot_hs, stride_hs,                     # ĉ [T+1, B, Hh]
     # parameters
     dw_ptr, zw_ptr, stride_zw,                        # d_weight [12, H, E], z_weight [12E, Hh]
     ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,
     hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,
-    m_ptr, stride_mb, mh_ptr, stride_mhb,             # dropout masks of step t [B, H], [B, Hh] (fp32)
+    m_ptr, stride_mt, stride_mb,                      # dropout masks [T, B, H], [T, B, Hh] (fp32)
+    mh_ptr, stride_mht, stride_mhb,
     # incoming gradients
-    dout_ptr, stride_dout,                            # d out[t] [B, H]
-    dh_ptr, stride_dh, dhh_ptr, stride_dhh,           # dh_t [B, H], dĥ_t carry [B, Hh]
-    dc_ptr, dcp_ptr, stride_dc,                       # dc_t in, dc_{t-1} out [B, H]
-    dch_ptr, dchp_ptr, stride_dch,                    # dĉ_t in, dĉ_{t-1} out [B, Hh]
-    # per-step gradient outputs
-    da_ptr, stride_da,                                # DA[t] = d main pre-norm gates [B, 4H]
-    dxp_ptr, stride_dxp,                              # DXP_main[t] = d_x ⊙ da [B, 4H]
-    dwh_ptr, stride_dwh,                              # DWH[t] = d_h ⊙ da [B, 4H]
-    dahat_ptr, stride_dahat,                          # DXP_hyper[t] = dÂ [B, 4Hh]
-    dz_ptr, stride_dz,                                # DZ[t] [B, 12E]
-    dg_ptr, stride_dg, dcn_ptr, stride_dcn,           # main dg [B, 4H], dcn [B, H] (LN)
-    hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,       # hyper dg [B, 4Hh], dcn [B, Hh] (LN)
+    dout_ptr, stride_doutt, stride_dout,              # d out [T, B, H]
+    # the state gradients' rings [2, B, *]: the gradient of state k sits in slot k % 2, so step t
+    # reads slot (t + 1) % 2 (dh_t, dc_t, dĥ_t, dĉ_t) and writes slot t % 2 (dc_{t-1}, dĉ_{t-1})
+    dh_ptr, slot_dh, stride_dh, dhh_ptr, slot_dhh, stride_dhh,
+    dc_ptr, slot_dc, stride_dc, dch_ptr, slot_dch, stride_dch,
+    # per-step gradient outputs [T, B, *]
+    da_ptr, stride_dat, stride_da,                    # DA = d main pre-norm gates [T, B, 4H]
+    dxp_ptr, stride_dxpt, stride_dxp,                 # DXP_main = d_x ⊙ da; DXP_hyper = dÂ: one
+    dahat_ptr,                                        #   [T, B, 4H + 4Hh] buffer (two column views)
+    dwh_ptr, stride_dwht, stride_dwh,                 # DWH = d_h ⊙ da [T, B, 4H]
+    dz_ptr, stride_dzt, stride_dz,                    # DZ [T, B, 12E]
+    dg_ptr, stride_dgt, stride_dg,                    # main dg [T, B, 4H], dcn [T, B, H] (LN)
+    dcn_ptr, stride_dcnt, stride_dcn,
+    hdg_ptr, stride_hdgt, stride_hdg,                 # hyper dg [T, B, 4Hh], dcn [T, B, Hh] (LN)
+    hdcn_ptr, stride_hdcnt, stride_hdcn,
     dhh_tot_ptr, stride_dht,                          # scratch: total dĥ_t [B, Hh]
     seed_ptr, p_drop, drop_scale,                     # as in the forward cell kernel
     forget_bias, eps,
@@ -220,16 +224,46 @@ def hyper_lstm_cell_bwd_kernel(
     lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     alive3 = (t < lens)[:, None, None]
     gate3 = tl.arange(0, 4)[None, :, None]
+    # step t's slices of every per-step buffer, from the base pointers (int64 offsets)
+    t64 = tl.full([], 0, tl.int64) + t
+    cur = (t64 + 1) % 2
+    nxt = t64 % 2
+    g_ptr += t64 * stride_gt
+    p_ptr += t64 * stride_pt
+    xp_ptr += t64 * stride_xpt
+    z_ptr += t64 * stride_zt
+    c_prev_ptr = c_ptr + t64 * slot_s
+    ahat_ptr += t64 * stride_aht
+    chat_prev_ptr = chat_ptr + t64 * slot_hs
+    if DROPOUT == 1:  # the given masks; seeded (2): one scratch, drawn again below (stride_mt 0)
+        m_ptr += t64 * stride_mt
+        mh_ptr += t64 * stride_mht
+    dout_ptr += t64 * stride_doutt
+    dh_in = dh_ptr + cur * slot_dh
+    dhh_in = dhh_ptr + cur * slot_dhh
+    dc_in = dc_ptr + cur * slot_dc
+    dc_out = dc_ptr + nxt * slot_dc
+    dch_in = dch_ptr + cur * slot_dch
+    dch_out = dch_ptr + nxt * slot_dch
+    da_ptr += t64 * stride_dat
+    dahat_ptr += t64 * stride_dxpt
+    dxp_ptr += t64 * stride_dxpt
+    dwh_ptr += t64 * stride_dwht
+    dz_ptr += t64 * stride_dzt
+    if LAYER_NORM:
+        dg_ptr += t64 * stride_dgt
+        dcn_ptr += t64 * stride_dcnt
+        hdg_ptr += t64 * stride_hdgt
+        hdcn_ptr += t64 * stride_hdcnt
 
     # 0. seeded recurrent dropout (DROPOUT 2): the forward's masks of step t, drawn again
     if DROPOUT == 2:
-        _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, tl.full([], 0, tl.int64) + t, B, H + Hh,
-                    p_drop, drop_scale, BMC, BN)
+        _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, t64, B, H + Hh, p_drop, drop_scale, BMC, BN)
         tl.debug_barrier()
 
     # 1. main cell: dh_t = carry + d out[t]  ->  da (DA[t]), dc_{t-1}
-    _cell_bwd(g_ptr, stride_g, H, c_prev_ptr, c_new_ptr, stride_s,
-              dh_ptr, stride_dh, dout_ptr, stride_dout, dc_ptr, dcp_ptr, stride_dc,
+    _cell_bwd(g_ptr, stride_g, H, c_prev_ptr, c_prev_ptr + slot_s, stride_s,
+              dh_in, stride_dh, dout_ptr, stride_dout, dc_in, dc_out, stride_dc,
               ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr, m_ptr, stride_mb,
               da_ptr, stride_da, dg_ptr, stride_dg, dcn_ptr, stride_dcn,
               rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, DROPOUT > 0, True, BMC, BN)
@@ -283,7 +317,7 @@ def hyper_lstm_cell_bwd_kernel(
     for k0 in range(0, Hh, BN):
         k = k0 + cols
         k_ok = k < Hh
-        acc = tl.load(dhh_ptr + rows3 * stride_dhh + k, mask=row_ok3 & k_ok, other=0.0)
+        acc = tl.load(dhh_in + rows3 * stride_dhh + k, mask=row_ok3 & k_ok, other=0.0)
         for q0 in range(0, NZ, BZ):
             q = q0 + q_ar
             q_ok = q < NZ
@@ -294,10 +328,10 @@ def hyper_lstm_cell_bwd_kernel(
     tl.debug_barrier()
 
     # 4. hyper cell: -> dÂ (the hyper half of DXP[t]), dĉ_{t-1}
-    _cell_bwd(ahat_ptr, stride_ahat, Hh, chat_prev_ptr, chat_new_ptr, stride_hs,
-              dhh_tot_ptr, stride_dht, dhh_tot_ptr, stride_dht, dch_ptr, dchp_ptr, stride_dch,
+    _cell_bwd(ahat_ptr, stride_ahat, Hh, chat_prev_ptr, chat_prev_ptr + slot_hs, stride_hs,
+              dhh_tot_ptr, stride_dht, dhh_tot_ptr, stride_dht, dch_in, dch_out, stride_dch,
               hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr, mh_ptr, stride_mhb,
-              dahat_ptr, stride_dahat, hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,
+              dahat_ptr, stride_dxp, hdg_ptr, stride_hdg, hdcn_ptr, stride_hdcn,
               rows3, row_ok3, alive3, gate3, forget_bias, eps, LAYER_NORM, DROPOUT > 0, False, BMC, BN)
 
 
@@ -322,13 +356,13 @@ def _tile_matmul_kn(acc, a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, cols, c
 
 @triton.jit(do_not_specialize=["t"])
 def hyper_lstm_gates_bwd_kernel(
-    dwh_ptr, stride_dwh,                              # DWH[t] [B, 4H] fp32
-    dahat_ptr, stride_dahat,                          # dÂ [B, 4Hh] fp32
+    dwh_ptr, stride_dwht, stride_dwh,                 # DWH [T, B, 4H] fp32
+    dahat_ptr, stride_daht, stride_dahat,             # dÂ [T, B, 4Hh] fp32 (a view)
     w_hh_ptr, stride_whh,                             # weight_hh [4H, H]
     w_hih_ptr, stride_whih,                           # hyper_weight_ih[:, X:] [4Hh, H] (view)
     w_hhh_ptr, stride_whhh,                           # hyper_weight_hh [4Hh, Hh]
-    dh_ptr, stride_dh, dhh_ptr, stride_dhh,           # carries dh_t [B, H], dĥ_t [B, Hh] (dead rows)
-    dhp_ptr, dhhp_ptr,                                # out: dh_{t-1} [B, H], dĥ_{t-1} [B, Hh] (same strides)
+    dh_ptr, slot_dh, stride_dh,                       # rings [2, B, H], [2, B, Hh]: read dh_t, dĥ_t (dead
+    dhh_ptr, slot_dhh, stride_dhh,                    #   rows) from slot (t + 1) % 2, write slot t % 2
     lengths_ptr, t, B, H, Hh, n_main,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -338,7 +372,12 @@ def hyper_lstm_gates_bwd_kernel(
     row_ok = rows < B
     lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     dead = (t >= lens)[:, None]
-    acc = tl.zeros([BM, BN], dtype=dhp_ptr.dtype.element_ty)
+    t64 = tl.full([], 0, tl.int64) + t
+    dwh_ptr += t64 * stride_dwht
+    dahat_ptr += t64 * stride_daht
+    # (the rings' slots are taken after the K loops: computed here they would hold registers
+    # across them, which spilled 4 B in the fp16 BM32 row on sm_90a with Triton 3.6)
+    acc = tl.zeros([BM, BN], dtype=dh_ptr.dtype.element_ty)
     if pid_n < n_main:
         cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < H
@@ -346,17 +385,25 @@ def hyper_lstm_gates_bwd_kernel(
                               4 * H, BK, DOT_PRECISION)
         acc = _tile_matmul_kn(acc, dahat_ptr, stride_dahat, rows, row_ok, w_hih_ptr, stride_whih, cols, col_ok,
                               4 * Hh, BK, DOT_PRECISION)
-        m = row_ok[:, None] & col_ok[None, :]
-        carry = tl.load(dh_ptr + rows[:, None] * stride_dh + cols[None, :], mask=m & dead, other=0.0)
-        tl.store(dhp_ptr + rows[:, None] * stride_dh + cols[None, :], acc + carry, mask=m)
+        _carry_store(acc, dh_ptr, slot_dh, stride_dh, rows, row_ok, cols, col_ok, dead, t)
     else:
         cols = (pid_n - n_main) * BN + tl.arange(0, BN)
         col_ok = cols < Hh
         acc = _tile_matmul_kn(acc, dahat_ptr, stride_dahat, rows, row_ok, w_hhh_ptr, stride_whhh, cols, col_ok,
                               4 * Hh, BK, DOT_PRECISION)
-        m = row_ok[:, None] & col_ok[None, :]
-        carry = tl.load(dhh_ptr + rows[:, None] * stride_dhh + cols[None, :], mask=m & dead, other=0.0)
-        tl.store(dhhp_ptr + rows[:, None] * stride_dhh + cols[None, :], acc + carry, mask=m)
+        _carry_store(acc, dhh_ptr, slot_dhh, stride_dhh, rows, row_ok, cols, col_ok, dead, t)
+
+
+@triton.jit
+def _carry_store(acc, ring_ptr, slot, stride, rows, row_ok, cols, col_ok, dead, t):
+    """Slot t % 2 of a gradient ring = ``acc`` + (for ``dead`` rows, past their sequence's end) the
+    carried gradient in slot (t + 1) % 2, which flows through the dead step unchanged."""
+    m = row_ok[:, None] & col_ok[None, :]
+    off = rows[:, None] * stride + cols[None, :]
+    cur = ((t + 1) % 2).to(tl.int64)
+    nxt = (t % 2).to(tl.int64)
+    carry = tl.load(ring_ptr + cur * slot + off, mask=m & dead, other=0.0)
+    tl.store(ring_ptr + nxt * slot + off, acc + carry, mask=m)
 
 
 # --------------------------------------------------------------------------------------------

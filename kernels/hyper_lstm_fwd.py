@@ -1,6 +1,6 @@
 """Fused Triton forward kernels of one HyperLSTM cell (SPEC §1), two launches per timestep.
 
-The launcher (``hyperkern/ops/hyper_lstm/fused_triton.py``) hoists the x-projections of all T
+The launcher (``hyperkern/ops/hyper_lstm/fused_triton/launch.py``) hoists the x-projections of all T
 steps into one library GEMM, ``XP = x @ [weight_ih ; hyper_weight_ih[:, :X]]^T`` (fp32,
 ``[T, B, 4H + 4Hh]``), then runs per step t:
 
@@ -37,6 +37,12 @@ same program stored is separated by ``tl.debug_barrier()``; no program ever wait
 
 Modes are constexprs (``LAYER_NORM``, ``DROPOUT``: 0 off, 1 given mask tensors, 2 seeded), and an
 input a mode does not use is passed as ``None`` (no dummy pointers). Launch with keyword arguments.
+
+Constant launches: both kernels take the base pointers of the per-step buffers and the step ``t``
+and address step t themselves, in int64 (``[T, B, *]`` buffers at ``t · stride_t``, a t-stride of
+0 for a scratch every step reuses; the state in rings ``[S, B, *]``, read at slot ``t % S``,
+written at ``(t + 1) % S``), so a loop's launches differ only in ``t`` and are bound once per call
+(``hyperkern.ops.launches.StepLaunch``; ``docs/cuda_graphs.md``).
 The launch configurations (block sizes, warps, stages) live in one table,
 ``hyperkern/ops/hyper_lstm/fused_triton/configs.py``, which the launcher and the compile check read.
 """
@@ -139,19 +145,25 @@ def _tile_matmul(acc, a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, wrow, col_
 
 @triton.jit(do_not_specialize=["t"])  # one compiled kernel for every step (t == 1 would become a constexpr)
 def hyper_lstm_gates_kernel(
-    h_ptr, stride_h, hh_ptr, stride_hh,              # h_{t-1} [B, H], ĥ_{t-1} [B, Hh]   (fp32 state)
+    h_ptr, hh_ptr, slot_h, slot_hh, stride_h, stride_hh,  # state rings h [S, B, H], ĥ [S, B, Hh] (fp32)
     w_hh_ptr, stride_whh,                            # weight_hh [4H, H]
     w_hih_ptr, stride_whih,                          # hyper_weight_ih[:, X:] [4Hh, H] (a view)
     w_hhh_ptr, stride_whhh,                          # hyper_weight_hh [4Hh, Hh]
     hbias_ptr,                                       # hyper_bias [4Hh]
     xph_ptr, stride_xpt, stride_xpb,                 # hyper x-projection [T, B, 4Hh] (fp32 view)
-    p_ptr, stride_p,                                 # out: P [B, 4H] fp32
-    ahat_ptr, stride_ahat,                           # out: Â [B, 4Hh] fp32
-    t, B, H, Hh, n_main,                             # n_main = cdiv(H, BH) main column tiles
+    p_ptr, stride_pt, stride_p,                      # out: P [T', B, 4H] fp32 (stride_pt 0: one scratch)
+    ahat_ptr, stride_aht, stride_ahat,               # out: Â [T', B, 4Hh] fp32 (likewise)
+    t, n_slots, B, H, Hh, n_main,                    # step t reads slot t % n_slots; n_main = cdiv(H, BH)
     BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
+    prev = (t % n_slots).to(tl.int64)  # a 32-bit modulo (a 64-bit one is a long routine)
+    h_ptr += prev * slot_h
+    hh_ptr += prev * slot_hh
+    # (P's and Â's step offsets are added at the stores: a pointer computed here would hold two
+    # registers across the K loop, which spilled 8 B in the fp32 FMA BM32 row on sm_90a)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # int64: row x stride offsets may pass 2^31
     row_ok = rows < B
     n = tl.arange(0, 4 * BH)
@@ -164,7 +176,7 @@ def hyper_lstm_gates_kernel(
         wrow = (gate * H + j).to(tl.int64)  # weight row x stride: 4H·H may pass 2^31
         acc = _tile_matmul(acc, h_ptr, stride_h, rows, row_ok, w_hh_ptr, stride_whh, wrow, col_ok, H,
                            BK, DOT_PRECISION)
-        tl.store(p_ptr + rows[:, None] * stride_p + wrow[None, :], acc,
+        tl.store(p_ptr + t64 * stride_pt + rows[:, None] * stride_p + wrow[None, :], acc,
                  mask=row_ok[:, None] & col_ok[None, :])
     else:
         j = (pid_n - n_main) * BH + jj
@@ -175,12 +187,11 @@ def hyper_lstm_gates_kernel(
         acc = _tile_matmul(acc, hh_ptr, stride_hh, rows, row_ok, w_hhh_ptr, stride_whhh, wrow, col_ok, Hh,
                            BK, DOT_PRECISION)
         m = row_ok[:, None] & col_ok[None, :]
-        t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
         xph = tl.load(xph_ptr + t64 * stride_xpt + rows[:, None] * stride_xpb + wrow[None, :],
                       mask=m, other=0.0)
         hb = tl.load(hbias_ptr + wrow, mask=col_ok, other=0.0).to(p_ptr.dtype.element_ty)
         acc = acc + xph + hb[None, :]
-        tl.store(ahat_ptr + rows[:, None] * stride_ahat + wrow[None, :], acc, mask=m)
+        tl.store(ahat_ptr + t64 * stride_aht + rows[:, None] * stride_ahat + wrow[None, :], acc, mask=m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,20 +361,25 @@ def _main_pregates(p_ptr, stride_p, xp_ptr, stride_xpb, bias_ptr, dw_ptr, z_ptr,
 
 @triton.jit(do_not_specialize=["t"])
 def hyper_lstm_cell_kernel(
-    t, B, H, Hh, E, lengths_ptr,                     # lengths: int32 [B] on the device
+    t, n_slots, B, H, Hh, E, lengths_ptr,            # lengths: int32 [B] on the device
     # hyper cell
-    ahat_ptr, stride_ahat,                           # Â [B, 4Hh] fp32 (from the gates kernel)
-    chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,   # [B, Hh] fp32
+    ahat_ptr, stride_aht, stride_ahat,               # Â [T', B, 4Hh] fp32 (from the gates kernel)
+    chat_prev_ptr, hhat_prev_ptr, slot_hs,           # state rings ĉ, ĥ [S, B, Hh] fp32: read slot t % S,
+    chat_new_ptr, hhat_new_ptr, slot_hs_new,         #   write slot (t + 1) % S (slot_*_new 0: one scratch)
+    stride_hs,
     hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,    # None without layer norm
     mh_ptr, stride_mht, stride_mhb,                  # hyper dropout masks [T, B, Hh] (fp32); None without
     # embeddings
-    zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z,      # z_weight [12E, Hh], z_bias [8E], z scratch [B, 12E]
+    zw_ptr, stride_zw, zb_ptr,                       # z_weight [12E, Hh], z_bias [8E]
+    z_ptr, stride_zt, stride_z,                      # z [T', B, 12E] fp32
     # main cell
-    p_ptr, stride_p,                                 # P [B, 4H] fp32 (from the gates kernel)
+    p_ptr, stride_pt, stride_p,                      # P [T', B, 4H] fp32 (from the gates kernel)
     xp_ptr, stride_xpt, stride_xpb,                  # main x-projection [T, B, 4H] fp32 (view)
     bias_ptr, dw_ptr,                                # bias [4H], d_weight [12, H, E] (contiguous)
-    g_ptr, stride_g,                                 # pre-norm gates scratch [B, 4H] fp32
-    c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,   # [B, H] fp32
+    g_ptr, stride_gt, stride_g,                      # pre-norm gates [T', B, 4H] fp32
+    c_prev_ptr, h_prev_ptr, slot_s,                  # state rings c, h [S, B, H] fp32, as ĉ, ĥ
+    c_new_ptr, h_new_ptr, slot_s_new,
+    stride_s,
     ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,        # None without layer norm
     m_ptr, stride_mt, stride_mb,                     # main dropout masks [T, B, H] (fp32); None without
     out_ptr, stride_ot, stride_ob,                   # output [T, B, H]
@@ -380,7 +396,22 @@ def hyper_lstm_cell_kernel(
     lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
     alive3 = (t < lens)[:, None, None]
     gate3 = tl.arange(0, 4)[None, :, None]
-    t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
+    # step t's slices of every per-step buffer, from the base pointers (int64 offsets)
+    t64 = tl.full([], 0, tl.int64) + t  # also valid if t were specialised to a constexpr
+    prev = (t % n_slots).to(tl.int64)  # a 32-bit modulo (a 64-bit one is a long routine)
+    new = ((t + 1) % n_slots).to(tl.int64)
+    chat_prev_ptr += prev * slot_hs
+    hhat_prev_ptr += prev * slot_hs
+    c_prev_ptr += prev * slot_s
+    h_prev_ptr += prev * slot_s
+    chat_new_ptr += new * slot_hs_new
+    hhat_new_ptr += new * slot_hs_new
+    c_new_ptr += new * slot_s_new
+    h_new_ptr += new * slot_s_new
+    ahat_ptr += t64 * stride_aht
+    z_ptr += t64 * stride_zt
+    p_ptr += t64 * stride_pt
+    g_ptr += t64 * stride_gt
     zeros_g = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
 
     # 0. recurrent dropout: DROPOUT 0 off, 1 the mask tensors, 2 seeded: this step's masks are

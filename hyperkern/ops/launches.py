@@ -1,4 +1,5 @@
-"""One kernel launch's configuration as data (:class:`Launch`), shared by both ops' config tables.
+"""One kernel launch's configuration as data (:class:`Launch`), shared by both ops' config tables,
+and a time loop's launches bound once per call (:class:`StepLaunch`).
 
 A launcher asks its op's ``configs`` module for the :class:`Launch` of a call and launches with
 :meth:`Launch.kwargs` (keyword arguments only: a swapped pair of same-typed arguments cannot pass
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,83 @@ class Launch:
         if dot is not None and self.dtype == "fp32":
             parts.append(dot)
         return " ".join(parts) + f" w{self.num_warps} s{self.num_stages}"
+
+
+# After a StepLaunch's first launch (through Triton's JIT), call the compiled kernel's launcher
+# directly for the later steps. False: every step goes through the JIT (gpu-check compares both).
+BIND_COMPILED = True
+
+
+class StepLaunch:
+    """One kernel's launches over a time loop, bound once per call: all but the step index.
+
+    The per-step kernels address step ``t``'s slices from base pointers (in int64), so every step
+    launches with the same arguments but ``t``. The first call goes through Triton's JIT
+    (``kernel[grid](**kwargs)``: binds the arguments, computes the specialisation key, finds or
+    compiles the kernel, asks the driver about every tensor pointer); on a GPU the later calls
+    then hand the compiled kernel's launcher a prebuilt argument list with the pointers as
+    integers (:func:`bind_compiled`). In the interpreter, with :data:`BIND_COMPILED` off, or
+    while a Triton launch hook is installed (a profiler's), every call goes through the JIT.
+    ``kwargs`` holds the launch's keyword arguments (it keeps the tensors alive)."""
+
+    def __init__(self, launch: Launch, grid, args: Dict[str, object], step: str = "t"):
+        self.launch, self.kernel = launch, launch.kernel_fn()
+        self.grid = tuple(grid)
+        self.kwargs = launch.kwargs(args)
+        self.step = step
+        self._bound: Optional[Callable[[int], None]] = None
+        self._tried = False
+
+    def __call__(self, t: int) -> None:
+        if self._bound is not None:
+            self._bound(t)
+            return
+        self.kwargs[self.step] = t
+        compiled = self.kernel[self.grid](**self.kwargs)
+        if not self._tried:
+            self._tried = True
+            if BIND_COMPILED and compiled is not None:
+                self._bound = bind_compiled(self.kernel, compiled, self.grid, self.kwargs, self.step)
+
+
+def bind_compiled(kernel, compiled, grid, kwargs: Dict[str, object], step: str) -> Optional[Callable[[int], None]]:
+    """``launch(t)``: the compiled kernel's launcher called as Triton's JIT calls it (Triton 3.6
+    through 3.9: ``run(grid x, y, z, stream, function, packed metadata, launch metadata, enter
+    hook, exit hook, *every parameter in signature order)``, constexprs included and skipped by
+    the launcher), on the current stream, the tensors' pointers bound as integers, no launch
+    metadata and no hooks (the JIT passes empty hook chains). None where that is not possible (an
+    unknown Triton, a launch hook installed): the caller keeps the JIT."""
+    try:
+        from triton import knobs
+
+        if _hook_installed(knobs.runtime.launch_enter_hook) or _hook_installed(knobs.runtime.launch_exit_hook):
+            return None
+        run = compiled.run  # (loads the module: ``function`` is set from here on)
+        function, metadata = compiled.function, compiled.packed_metadata
+        names = list(kernel.arg_names)
+        args = [kwargs[n] for n in names]
+        index = names.index(step)
+        stream = _current_stream()
+    except (AttributeError, ImportError, KeyError, ValueError):
+        return None
+    args = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+
+    def launch(t: int) -> None:
+        args[index] = t
+        run(g0, g1, g2, stream, function, metadata, None, None, None, *args)
+
+    return launch
+
+
+def _current_stream():
+    """The stream Triton's JIT would launch on now (the current device's current stream)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream(driver.active.get_current_device())
+
+
+def _hook_installed(hook) -> bool:
+    """A Triton launch hook that would run: a function, or a non-empty ``HookChain`` (Triton 3.6+
+    keeps an empty chain by default)."""
+    return hook is not None and bool(getattr(hook, "calls", True))

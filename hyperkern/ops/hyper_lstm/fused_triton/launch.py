@@ -31,7 +31,7 @@ from hyperkern.kernels.common import cdiv, interpreted
 from ... import precision
 from ..common import NUM_PATHS, NUM_SCALED_PATHS, CellConfig, Lengths, Masks, check_state
 from ..dropout import DropoutSeed, check_seed, keep_scale
-from ...launches import Launch
+from ...launches import StepLaunch
 from . import configs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # on CUDA
@@ -51,11 +51,6 @@ def kernels_interpreted() -> bool:
     from hyperkern.kernels import hyper_lstm_fwd
 
     return interpreted(hyper_lstm_fwd.hyper_lstm_cell_kernel)
-
-
-def _launch(kernel, launch: Launch, grid, args: Dict[str, object]) -> None:
-    """Every kernel launch of this backend: keyword arguments only, options from the table."""
-    kernel[grid](**launch.kwargs(args))
 
 
 class _Buffers:
@@ -189,15 +184,18 @@ def _dot(dtype: torch.dtype) -> str:
 @torch.no_grad()
 def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
                  lengths: Lengths = None, masks: Masks = None, *,
-                 out: Optional[Tensor] = None, guard: int = 0, save=False):
+                 out: Optional[Tensor] = None, guard: int = 0, save=False, check: bool = True):
     """The forward launcher. Returns ``(out, final_state, buffers)``.
 
     ``out``: optional preallocated ``[T, B, H]`` output (x's dtype, inner stride 1; any other
     strides, e.g. a view into a larger NaN-filled tensor). ``guard``: NaN guard zones around every
     internal buffer and parameter copy (tests; see :class:`_Buffers`). ``save``: keep what the
     backward needs in ``buffers.saved`` (see :func:`run_backward`): ``True``/``"full"`` every
-    step's state, P, G, Â, z and XP; ``"states"`` (recompute mode) only every step's state."""
-    _check_inputs(x, state, params, cfg, lengths, masks)
+    step's state, P, G, Â, z and XP; ``"states"`` (recompute mode) only every step's state.
+    ``check=False`` skips the validation (it reads ``lengths`` on the host): for a caller that
+    validated the same inputs already, e.g. while capturing a CUDA graph (:mod:`.graphs`)."""
+    if check:
+        _check_inputs(x, state, params, cfg, lengths, masks)
     T, B, X = x.shape
     H, Hh, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
     dev, dtype = x.device, x.dtype
@@ -206,48 +204,38 @@ def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
     xp_all = plan.x_projection(x)
     save = "states" if save == "states" else ("full" if save else False)
 
-    # ---- state (fp32, ping-pong; or every step's, kept for the backward), scratch ------------
+    # ---- state rings (fp32): every step's state [T+1, B, *] kept for the backward, or 2 slots
     f32 = _acc_dtype(dtype)  # state / scratch / statistics: fp32 (fp64 only for fp64 inputs)
-    seq = saved = {}
-    if save:  # training: every step's state stays in [T+1, B, *] buffers ...
-        seq = {n: buf.new(n, (T + 1, B, k_), f32) for n, k_ in (("H", H), ("C", H), ("HH", Hh), ("CH", Hh))}
-        hs, cs, hhs, chs = (seq[n].unbind(0) for n in ("H", "C", "HH", "CH"))
-    else:
-        hs = [buf.new(f"h{i}", (B, H), f32) for i in range(2)]
-        cs = [buf.new(f"c{i}", (B, H), f32) for i in range(2)]
-        hhs = [buf.new(f"h_hat{i}", (B, Hh), f32) for i in range(2)]
-        chs = [buf.new(f"c_hat{i}", (B, Hh), f32) for i in range(2)]
-    if save == "full":  # ... and, unless recomputed in the backward, P, G, Â and z too
-        saved = {n: buf.new(n, (T, B, k_), f32) for n, k_ in (("P", 4 * H), ("G", 4 * H), ("AH", 4 * Hh),
-                                                             ("Z", NUM_PATHS * E))}
-        p_bufs, g_bufs, ah_bufs, z_bufs = (saved[n].unbind(0) for n in ("P", "G", "AH", "Z"))
-        if guard:
-            for t_ in saved.values():
-                t_.fill_(float("nan"))
-    else:
-        scratch = plan.scratch(buf, T, B)
-        p_bufs, g_bufs, ah_bufs, z_bufs = ((s_,) * T for s_ in scratch)
-    for dst, src in zip((hs[0], cs[0], hhs[0], chs[0]), state):
-        dst.copy_(src)
-    if out is None:
-        out = buf.new("out", (T, B, H), dtype)
-    else:
-        if not isinstance(out, Tensor) or tuple(out.shape) != (T, B, H) or out.dtype != dtype \
-                or out.device != dev or out.stride(-1) != 1:
-            raise ValueError(f"out must be a [T, B, H] = {(T, B, H)} {dtype} tensor on {dev} with inner stride 1")
+    slots = T + 1 if save else 2
+    ring = {n: buf.new(n, (slots, B, k_), f32) for n, k_ in (("H", H), ("C", H), ("HH", Hh), ("CH", Hh))}
+    # ---- P, G, Â, z: every step's [T, B, *] (kept unless recomputed) or one scratch (t-stride 0)
+    step_bufs = plan.step_buffers(buf, T if save == "full" else 1)
+    for n, src in zip(("H", "C", "HH", "CH"), state):
+        ring[n][0].copy_(src)
+    out = _output(buf, out, T, B, H, dtype, dev)
 
+    gates, cell = plan.bind(ring, ring, step_bufs, out)
     for t in range(T):
-        cur, nxt = (t, t + 1) if save else (t % 2, (t + 1) % 2)
-        plan.step(t, xp_all, (hs[cur], cs[cur], hhs[cur], chs[cur]), (hs[nxt], cs[nxt], hhs[nxt], chs[nxt]),
-                  p_bufs[t], g_bufs[t], ah_bufs[t], z_bufs[t], out)
+        gates(t)
+        cell(t)
 
-    last = T if save else T % 2
-    final = tuple(s[last].to(dtype).contiguous() for s in (hs, cs, hhs, chs))
+    last = T % slots
+    final = tuple(ring[n][last].to(dtype).contiguous() for n in ("H", "C", "HH", "CH"))
     if save:
-        buf.saved = dict(seq, **saved, lens=plan.lens, masks=masks)
+        buf.saved = dict(ring, lens=plan.lens, masks=masks)
         if save == "full":
-            buf.saved["XP"] = xp_all
+            buf.saved.update(step_bufs, XP=xp_all)
     return out, final, buf
+
+
+def _output(buf: "_Buffers", out: Optional[Tensor], T: int, B: int, H: int, dtype, dev) -> Tensor:
+    """A forward call's output: ``out`` validated, or a new ``[T, B, H]`` buffer."""
+    if out is None:
+        return buf.new("out", (T, B, H), dtype)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (T, B, H) or out.dtype != dtype \
+            or out.device != dev or out.stride(-1) != 1:
+        raise ValueError(f"out must be a [T, B, H] = {(T, B, H)} {dtype} tensor on {dev} with inner stride 1")
+    return out
 
 
 _LN_NAMES = ("ln_weight", "ln_bias", "ln_cell_weight", "ln_cell_bias",
@@ -297,58 +285,83 @@ class _ForwardPlan:
         self.fb, self.eps = float(cfg.forget_bias), float(cfg.ln_eps)
 
     def x_projection(self, x: Tensor) -> Tensor:
-        """The hoisted x-projection GEMM (fp32 accumulate and output), ``[T, B, 4H + 4Hh]``."""
+        """The hoisted x-projection GEMM (fp32 accumulate and output), ``[T, B, 4H + 4Hh]``; kept
+        as ``self.xp`` for :meth:`bind`."""
         T, B, X, H, Hh, p = self.T, self.B, self.X, self.H, self.Hh, self.params
         w_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]], dim=0)  # [4H + 4Hh, X]
         acc = _acc_dtype(self.dtype)
         xp_flat = torch.matmul(x.reshape(T * B, X).to(acc), w_x.to(acc).t()).view(T, B, 4 * H + 4 * Hh)
+        self.xp = xp_flat
         if self.guard:
-            xp_all = self.buf.new("xp", (T, B, 4 * H + 4 * Hh), acc)
-            xp_all.copy_(xp_flat)
-            return xp_all
-        return xp_flat
+            self.xp = self.buf.new("xp", (T, B, 4 * H + 4 * Hh), acc)
+            self.xp.copy_(xp_flat)
+        return self.xp
 
-    def scratch(self, buf: "_Buffers", T: int, B: int, prefix: str = ""):
-        """One step's P, G, Â, z scratch (NaN in guard mode: anything read before written shows)."""
-        f32, H, Hh, E = _acc_dtype(self.dtype), self.H, self.Hh, self.E
-        bufs = (buf.new(prefix + "P", (B, 4 * H), f32), buf.new(prefix + "G", (B, 4 * H), f32),
-                buf.new(prefix + "A_hat", (B, 4 * Hh), f32), buf.new(prefix + "z", (B, NUM_PATHS * E), f32))
+    def step_buffers(self, buf: "_Buffers", steps: int, prefix: str = "") -> Dict[str, Tensor]:
+        """P, G, Â and z of ``steps`` steps, ``[steps, B, *]`` (``steps`` 1: one scratch that every
+        step reuses); NaN in guard mode (anything read before written shows)."""
+        f32, B, H, Hh, E = _acc_dtype(self.dtype), self.B, self.H, self.Hh, self.E
+        bufs = {n: buf.new(prefix + n, (steps, B, k_), f32)
+                for n, k_ in (("P", 4 * H), ("G", 4 * H), ("AH", 4 * Hh), ("Z", NUM_PATHS * E))}
         if buf.guard:
-            for t_ in bufs:
+            for t_ in bufs.values():
                 t_.fill_(float("nan"))
         return bufs
 
-    def step(self, t: int, xp_all: Tensor, cur, nxt, p_buf, g_buf, a_hat, z_buf, out):
-        """Timestep t: the gates kernel, then the cell kernel. ``cur``/``nxt``: (h, c, ĥ, ĉ) [B, *] views."""
+    def bind(self, prev: Dict[str, Tensor], new: Dict[str, Tensor], step_bufs: Dict[str, Tensor],
+             out: Tensor) -> Tuple[StepLaunch, StepLaunch]:
+        """The two launches of a forward step, bound for the whole loop: ``gates(t); cell(t)``.
+
+        ``prev`` / ``new``: state rings ``{"H", "C", "HH", "CH"}`` of ``[S, B, *]``: step t reads
+        slot ``t % S`` of ``prev`` and writes slot ``(t + 1) % S`` of ``new`` (the same rings in the
+        forward; in the backward's recompute the saved states and a one-slot scratch). ``step_bufs``:
+        ``{"P", "G", "AH", "Z"}`` of ``[T', B, *]``, step t's row t (T' = 1: one scratch, reused)."""
         B, H, Hh, E, fl = self.B, self.H, self.Hh, self.E, self.flat
-        (h0, c0, hh0, ch0), (h1, c1, hh1, ch1) = cur, nxt
-        if not (h0.stride(0) == h1.stride(0) == c0.stride(0) == c1.stride(0)
-                and hh0.stride(0) == hh1.stride(0) == ch0.stride(0) == ch1.stride(0)):
-            raise AssertionError("the cell kernel takes one row stride for all main / all hyper state views")
-        xp_main, xp_hyper = xp_all[:, :, :4 * H], xp_all[:, :, 4 * H:]
-        _launch(self.gates_kernel, self.gates_launch, self.grid_gates, dict(
-            h_ptr=h0, stride_h=h0.stride(0), hh_ptr=hh0, stride_hh=hh0.stride(0),
+        slots = prev["H"].shape[0]
+        if not (new["H"].shape[0] in (1, slots) and prev["H"].stride(1) == prev["C"].stride(1) == new["H"].stride(1)
+                == new["C"].stride(1) and prev["HH"].stride(1) == prev["CH"].stride(1) == new["HH"].stride(1)
+                == new["CH"].stride(1) and prev["H"].stride(0) == prev["C"].stride(0)
+                and prev["HH"].stride(0) == prev["CH"].stride(0) and new["H"].stride(0) == new["C"].stride(0)
+                and new["HH"].stride(0) == new["CH"].stride(0)):
+            raise AssertionError("the state rings must share their slot and row strides (main / hyper)")
+
+        def slot_stride(ring: Dict[str, Tensor], name: str) -> int:
+            return ring[name].stride(0) if ring[name].shape[0] > 1 else 0
+
+        P, G, AH, Z = (step_bufs[n] for n in ("P", "G", "AH", "Z"))
+        tstride = {n: (b_.stride(0) if b_.shape[0] > 1 else 0) for n, b_ in step_bufs.items()}
+        xp_main, xp_hyper = self.xp[:, :, :4 * H], self.xp[:, :, 4 * H:]
+        gates = StepLaunch(self.gates_launch, self.grid_gates, dict(
+            h_ptr=prev["H"], hh_ptr=prev["HH"], slot_h=slot_stride(prev, "H"), slot_hh=slot_stride(prev, "HH"),
+            stride_h=prev["H"].stride(1), stride_hh=prev["HH"].stride(1),
             w_hh_ptr=self.w_hh, stride_whh=self.w_hh.stride(0),
             w_hih_ptr=self.w_hih, stride_whih=self.w_hih.stride(0),
             w_hhh_ptr=self.w_hhh, stride_whhh=self.w_hhh.stride(0),
             hbias_ptr=fl["hyper_bias"], xph_ptr=xp_hyper, stride_xpt=xp_hyper.stride(0), stride_xpb=xp_hyper.stride(1),
-            p_ptr=p_buf, stride_p=p_buf.stride(0), ahat_ptr=a_hat, stride_ahat=a_hat.stride(0),
-            t=t, B=B, H=H, Hh=Hh, n_main=self.n_main))
+            p_ptr=P, stride_pt=tstride["P"], stride_p=P.stride(1),
+            ahat_ptr=AH, stride_aht=tstride["AH"], stride_ahat=AH.stride(1),
+            t=0, n_slots=slots, B=B, H=H, Hh=Hh, n_main=self.n_main))
         d = self.drop
-        _launch(self.cell_kernel, self.cell_launch, self.grid_cell, dict(
-            t=t, B=B, H=H, Hh=Hh, E=E, lengths_ptr=self.lens,
-            ahat_ptr=a_hat, stride_ahat=a_hat.stride(0),
-            chat_prev_ptr=ch0, chat_new_ptr=ch1, hhat_prev_ptr=hh0, hhat_new_ptr=hh1, stride_hs=hh0.stride(0),
+        cell = StepLaunch(self.cell_launch, self.grid_cell, dict(
+            t=0, n_slots=slots, B=B, H=H, Hh=Hh, E=E, lengths_ptr=self.lens,
+            ahat_ptr=AH, stride_aht=tstride["AH"], stride_ahat=AH.stride(1),
+            chat_prev_ptr=prev["CH"], hhat_prev_ptr=prev["HH"], slot_hs=slot_stride(prev, "HH"),
+            chat_new_ptr=new["CH"], hhat_new_ptr=new["HH"], slot_hs_new=slot_stride(new, "HH"),
+            stride_hs=prev["HH"].stride(1),
             mh_ptr=d.m_hyper, stride_mht=d.strides_hyper[0], stride_mhb=d.strides_hyper[1],
-            zw_ptr=self.z_w, stride_zw=self.z_w.stride(0), zb_ptr=fl["z_bias"], z_ptr=z_buf, stride_z=z_buf.stride(0),
-            p_ptr=p_buf, stride_p=p_buf.stride(0),
+            zw_ptr=self.z_w, stride_zw=self.z_w.stride(0), zb_ptr=fl["z_bias"],
+            z_ptr=Z, stride_zt=tstride["Z"], stride_z=Z.stride(1),
+            p_ptr=P, stride_pt=tstride["P"], stride_p=P.stride(1),
             xp_ptr=xp_main, stride_xpt=xp_main.stride(0), stride_xpb=xp_main.stride(1),
-            bias_ptr=fl["bias"], dw_ptr=fl["d_weight"], g_ptr=g_buf, stride_g=g_buf.stride(0),
-            c_prev_ptr=c0, c_new_ptr=c1, h_prev_ptr=h0, h_new_ptr=h1, stride_s=h0.stride(0),
+            bias_ptr=fl["bias"], dw_ptr=fl["d_weight"], g_ptr=G, stride_gt=tstride["G"], stride_g=G.stride(1),
+            c_prev_ptr=prev["C"], h_prev_ptr=prev["H"], slot_s=slot_stride(prev, "H"),
+            c_new_ptr=new["C"], h_new_ptr=new["H"], slot_s_new=slot_stride(new, "H"),
+            stride_s=prev["H"].stride(1),
             m_ptr=d.m_main, stride_mt=d.strides_main[0], stride_mb=d.strides_main[1],
             out_ptr=out, stride_ot=out.stride(0), stride_ob=out.stride(1),
             seed_ptr=d.seed, p_drop=d.p, drop_scale=d.scale,
             forget_bias=self.fb, eps=self.eps, **self.ln))
+        return gates, cell
 
 
 class _DropoutArgs:
@@ -379,12 +392,6 @@ class _DropoutArgs:
             self.strides_main, self.strides_hyper = self.m_main.stride()[:2], self.m_hyper.stride()[:2]
         self.scale = keep_scale(self.p)
 
-    def step(self, t: int):
-        """``(m_main of step t, m_hyper of step t)`` for the backward (None without dropout)."""
-        if self.mode == 1:
-            return self.m_main[t], self.m_hyper[t]
-        return self.m_main, self.m_hyper
-
 
 # --------------------------------------------------------------------------------------------
 # backward (BPTT): two launches per step in reverse time, then library GEMMs over all steps
@@ -413,8 +420,6 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
     ln = _ln_args(cfg, p, buf)
     S = saved
     drop = _DropoutArgs(S["masks"], x, buf, H, Hh)
-    cell_launch, gates_launch = configs.backward_launches(B, E, _DTYPE_NAME[dtype], _dot(dtype), cfg.layer_norm,
-                                                          drop.mode)
 
     # per-step gradient buffers the post-loop GEMMs consume (every row written by the kernels)
     DA = buf.new("DA", (T, B, 4 * H), f32)
@@ -426,77 +431,83 @@ def run_backward(x: Tensor, params: Dict[str, Tensor], cfg: CellConfig, saved: D
         ln_bufs = {"DG": buf.new("DG", (T, B, 4 * H), f32), "DCN": buf.new("DCN", (T, B, H), f32),
                    "HDG": buf.new("HDG", (T, B, 4 * Hh), f32), "HDCN": buf.new("HDCN", (T, B, Hh), f32)}
     dhh_tot = buf.new("dhh_tot", (B, Hh), f32)
-    carries = {n: [buf.new(f"{n}{i}", (B, w), f32) for i in range(2)]
-               for n, w in (("dh", H), ("dc", H), ("dhh", Hh), ("dch", Hh))}
+    # the state gradients' rings: the gradient of state k in slot k % 2 (d_final: slot T % 2)
+    carries = {n: buf.new(n, (2, B, w), f32) for n, w in (("dh", H), ("dc", H), ("dhh", Hh), ("dch", Hh))}
     if guard:
         for t_ in (DA, DXP, DWH, DZ, dhh_tot, *ln_bufs.values()):
             t_.fill_(float("nan"))
-    for (n, pair), g in zip(carries.items(), d_final):
-        pair[0].copy_(g) if g is not None else pair[0].zero_()
+    for ring, g in zip(carries.values(), d_final):
+        ring[T % 2].copy_(g) if g is not None else ring[T % 2].zero_()
     if d_out is None:
         d_out = buf.new("d_out", (T, B, H), dtype, fill=0.0)
     elif d_out.stride(-1) != 1 or guard:
         d_out = buf.copy_strided("d_out", d_out)
     lens = S["lens"]
     recompute = "P" not in S
+    rings = {n: S[n] for n in ("H", "C", "HH", "CH")}
     if recompute:  # only the states were kept: rebuild XP (one GEMM) and, per step, P, G, Â, z
         S = dict(S)
         plan_buf = _Buffers(dev, guard)
         plan = _ForwardPlan(x, p, cfg, lens, S["masks"], plan_buf)
         S["XP"] = plan.x_projection(x)
-        for n, w in (("P", 4 * H), ("G", 4 * H), ("AH", 4 * Hh), ("Z", NUM_PATHS * E)):
-            S[n] = buf.new("re_" + n, (T, B, w), f32, fill=float("nan") if guard else None)
-        nxt_scratch = tuple(buf.new("re_" + n, (B, w), f32) for n, w in (("h", H), ("c", H), ("hh", Hh), ("ch", Hh)))
+        step_bufs = plan.step_buffers(buf, T, prefix="re_")
+        S.update(step_bufs)
+        discard = {n: buf.new("re_" + n, (1, B, w), f32) for n, w in (("H", H), ("C", H), ("HH", Hh), ("CH", Hh))}
         out_scratch = buf.new("re_out", (1, B, H), dtype).expand(T, B, H)  # every step writes one row
+        re_gates, re_cell = plan.bind(rings, discard, step_bufs, out_scratch)
     xp_main = S["XP"][:, :, :4 * H]
     dxp_main, dxp_hyp = DXP[:, :, :4 * H], DXP[:, :, 4 * H:]
-    cell_kernel, gates_kernel = cell_launch.kernel_fn(), gates_launch.kernel_fn()
+    cell_launch, gates_launch = configs.backward_launches(B, E, _DTYPE_NAME[dtype], _dot(dtype), cfg.layer_norm,
+                                                          drop.mode)
     n_main = cdiv(H, gates_launch.constexpr("BN"))
     grid_gates = (n_main + cdiv(Hh, gates_launch.constexpr("BN")), cdiv(B, gates_launch.constexpr("BM")))
     grid_cell = (cdiv(B, cell_launch.constexpr("BMC")),)
-    fb, eps = float(cfg.forget_bias), float(cfg.ln_eps)
-    Hs, Cs, HHs, CHs = S["H"], S["C"], S["HH"], S["CH"]
     dh, dc, dhh, dch = (carries[n] for n in ("dh", "dc", "dhh", "dch"))
+    Hs, Cs, HHs, CHs = S["H"], S["C"], S["HH"], S["CH"]
 
-    for step, t in enumerate(reversed(range(T))):
-        cur, nxt = step % 2, (step + 1) % 2
+    def per_step(name: str, t_: Tensor) -> Dict[str, object]:
+        """``{name}_ptr``, its time stride and row stride: a [T, B, *] buffer for a kernel."""
+        return {f"{name}_ptr": t_, f"stride_{name}t": t_.stride(0), f"stride_{name}": t_.stride(1)}
+
+    def ring_args(name: str, t_: Tensor) -> Dict[str, object]:
+        return {f"{name}_ptr": t_, f"slot_{name}": t_.stride(0), f"stride_{name}": t_.stride(1)}
+
+    if cfg.layer_norm:
+        ln_out = dict(**per_step("dg", ln_bufs["DG"]), **per_step("dcn", ln_bufs["DCN"]),
+                      **per_step("hdg", ln_bufs["HDG"]), **per_step("hdcn", ln_bufs["HDCN"]))
+    else:  # the LN gradient buffers are absent (None); their strides are still arguments
+        ln_out = {f"stride_{n}{s_}": 0 for n in ("dg", "dcn", "hdg", "hdcn") for s_ in ("t", "")}
+    m_main, m_hyper = drop.m_main, drop.m_hyper
+    cell = StepLaunch(cell_launch, grid_cell, dict(
+        t=0, B=B, H=H, Hh=Hh, E=E, lengths_ptr=lens,
+        **per_step("g", S["G"]), **per_step("p", S["P"]), xp_ptr=xp_main, stride_xpt=xp_main.stride(0),
+        stride_xpb=xp_main.stride(1), **per_step("z", S["Z"]),
+        c_ptr=Cs, slot_s=Cs.stride(0), stride_s=Cs.stride(1),
+        ahat_ptr=S["AH"], stride_aht=S["AH"].stride(0), stride_ahat=S["AH"].stride(1),
+        chat_ptr=CHs, slot_hs=CHs.stride(0), stride_hs=CHs.stride(1),
+        dw_ptr=d_w, zw_ptr=z_w, stride_zw=z_w.stride(0),
+        m_ptr=m_main, stride_mt=drop.strides_main[0], stride_mb=drop.strides_main[1],
+        mh_ptr=m_hyper, stride_mht=drop.strides_hyper[0], stride_mhb=drop.strides_hyper[1],
+        **per_step("dout", d_out),
+        **ring_args("dh", dh), **ring_args("dhh", dhh), **ring_args("dc", dc), **ring_args("dch", dch),
+        **per_step("da", DA), dxp_ptr=dxp_main, stride_dxpt=DXP.stride(0), stride_dxp=DXP.stride(1), dahat_ptr=dxp_hyp,
+        **per_step("dwh", DWH), **per_step("dz", DZ), **ln_out,
+        dhh_tot_ptr=dhh_tot, stride_dht=dhh_tot.stride(0),
+        seed_ptr=drop.seed, p_drop=drop.p, drop_scale=drop.scale, forget_bias=float(cfg.forget_bias),
+        eps=float(cfg.ln_eps), **ln))
+    gates = StepLaunch(gates_launch, grid_gates, dict(
+        **per_step("dwh", DWH), dahat_ptr=dxp_hyp, stride_daht=DXP.stride(0), stride_dahat=DXP.stride(1),
+        w_hh_ptr=w_hh, stride_whh=w_hh.stride(0), w_hih_ptr=w_hih, stride_whih=w_hih.stride(0),
+        w_hhh_ptr=w_hhh, stride_whhh=w_hhh.stride(0), **ring_args("dh", dh), **ring_args("dhh", dhh),
+        lengths_ptr=lens, t=0, B=B, H=H, Hh=Hh, n_main=n_main))
+
+    for t in reversed(range(T)):
         if recompute:  # the forward step again (2 launches), from the saved states of step t
-            plan.step(t, S["XP"], (Hs[t], Cs[t], HHs[t], CHs[t]), nxt_scratch,
-                      S["P"][t], S["G"][t], S["AH"][t], S["Z"][t], out_scratch)
-        m_main, m_hyper = drop.step(t)
-        if cfg.layer_norm:
-            ln_out = dict(dg_ptr=ln_bufs["DG"][t], stride_dg=ln_bufs["DG"].stride(1),
-                          dcn_ptr=ln_bufs["DCN"][t], stride_dcn=ln_bufs["DCN"].stride(1),
-                          hdg_ptr=ln_bufs["HDG"][t], stride_hdg=ln_bufs["HDG"].stride(1),
-                          hdcn_ptr=ln_bufs["HDCN"][t], stride_hdcn=ln_bufs["HDCN"].stride(1))
-        else:
-            ln_out = dict(stride_dg=0, stride_dcn=0, stride_hdg=0, stride_hdcn=0)
-        _launch(cell_kernel, cell_launch, grid_cell, dict(
-            t=t, B=B, H=H, Hh=Hh, E=E, lengths_ptr=lens,
-            g_ptr=S["G"][t], stride_g=S["G"].stride(1), p_ptr=S["P"][t], stride_p=S["P"].stride(1),
-            xp_ptr=xp_main[t], stride_xpb=xp_main.stride(1), z_ptr=S["Z"][t], stride_z=S["Z"].stride(1),
-            c_prev_ptr=Cs[t], c_new_ptr=Cs[t + 1], stride_s=Cs.stride(1),
-            ahat_ptr=S["AH"][t], stride_ahat=S["AH"].stride(1),
-            chat_prev_ptr=CHs[t], chat_new_ptr=CHs[t + 1], stride_hs=CHs.stride(1),
-            dw_ptr=d_w, zw_ptr=z_w, stride_zw=z_w.stride(0),
-            m_ptr=m_main, stride_mb=drop.strides_main[1], mh_ptr=m_hyper, stride_mhb=drop.strides_hyper[1],
-            dout_ptr=d_out[t], stride_dout=d_out.stride(1),
-            dh_ptr=dh[cur], stride_dh=dh[cur].stride(0), dhh_ptr=dhh[cur], stride_dhh=dhh[cur].stride(0),
-            dc_ptr=dc[cur], dcp_ptr=dc[nxt], stride_dc=dc[cur].stride(0),
-            dch_ptr=dch[cur], dchp_ptr=dch[nxt], stride_dch=dch[cur].stride(0),
-            da_ptr=DA[t], stride_da=DA.stride(1), dxp_ptr=dxp_main[t], stride_dxp=DXP.stride(1),
-            dwh_ptr=DWH[t], stride_dwh=DWH.stride(1), dahat_ptr=dxp_hyp[t], stride_dahat=DXP.stride(1),
-            dz_ptr=DZ[t], stride_dz=DZ.stride(1), **ln_out,
-            dhh_tot_ptr=dhh_tot, stride_dht=dhh_tot.stride(0),
-            seed_ptr=drop.seed, p_drop=drop.p, drop_scale=drop.scale, forget_bias=fb, eps=eps, **ln))
-        _launch(gates_kernel, gates_launch, grid_gates, dict(
-            dwh_ptr=DWH[t], stride_dwh=DWH.stride(1), dahat_ptr=dxp_hyp[t], stride_dahat=DXP.stride(1),
-            w_hh_ptr=w_hh, stride_whh=w_hh.stride(0), w_hih_ptr=w_hih, stride_whih=w_hih.stride(0),
-            w_hhh_ptr=w_hhh, stride_whhh=w_hhh.stride(0),
-            dh_ptr=dh[cur], stride_dh=dh[cur].stride(0), dhh_ptr=dhh[cur], stride_dhh=dhh[cur].stride(0),
-            dhp_ptr=dh[nxt], dhhp_ptr=dhh[nxt], lengths_ptr=lens, t=t, B=B, H=H, Hh=Hh, n_main=n_main))
-    last = T % 2
-    d_state = tuple(c_[last].to(dtype).contiguous() for c_ in (dh, dc, dhh, dch))
+            re_gates(t)
+            re_cell(t)
+        cell(t)
+        gates(t)
+    d_state = tuple(c_[0].to(dtype).contiguous() for c_ in (dh, dc, dhh, dch))
     if recompute:
         buf._full.update({"fwd_" + n: v for n, v in plan_buf._full.items()})
 
