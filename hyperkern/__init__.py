@@ -26,10 +26,13 @@ _checkout_kernels()
 from .modules import HyperLSTM, HyperLSTMCell  # noqa: E402
 from .ops.hyper_lstm import available_backends  # noqa: E402
 from .ops.hyper_lstm.common import CellConfig, HyperLSTMState  # noqa: E402
+from .ops.hyper_lstm.fused_triton.graphs import (clear_cuda_graph_cache, cuda_graph_cache_info,  # noqa: E402
+                                                 set_cuda_graph_cache)
 from .ops.static_gen import static_kernel_gen, static_kernel_gen_layers  # noqa: E402
 from .static import HyperConv2d, HyperWideResNet, StaticHyperNetwork, wrn_hyper_layer_shapes  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["HyperLSTM", "HyperLSTMCell", "HyperLSTMState", "CellConfig", "available_backends",
            "static_kernel_gen", "static_kernel_gen_layers", "StaticHyperNetwork", "HyperConv2d",
-           "HyperWideResNet", "wrn_hyper_layer_shapes"]
+           "HyperWideResNet", "wrn_hyper_layer_shapes", "set_cuda_graph_cache", "cuda_graph_cache_info",
+           "clear_cuda_graph_cache"]

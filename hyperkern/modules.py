@@ -30,13 +30,13 @@ class _BackendAttr:
         self._backend = name
 
 
-def _cell_setting(name: str, allow_none: bool, doc: str) -> property:
+def _cell_setting(name: str, allow_none: bool, doc: str, default: Optional[bool] = False) -> property:
     """A settable, validated True/False (or None) attribute; on :class:`HyperLSTM` setting it sets
-    every cell. The default is False (None where ``allow_none``)."""
+    every cell."""
     private = "_" + name
 
     def get(self):
-        return getattr(self, private, None if allow_none else False)
+        return getattr(self, private, default)
 
     def set(self, value):
         if not (isinstance(value, bool) or (allow_none and value is None)):
@@ -54,6 +54,11 @@ _SEEDED_DOC = ("How training-mode recurrent dropout is drawn. None (default): fr
 _RECOMPUTE_DOC = ("Training memory (the Triton backend): keep only every step's state between forward and "
                   "backward and recompute the rest there (2 more launches per step; bitwise the same gradients). "
                   "Default False. The other backends ignore it.")
+_CUDA_GRAPHS_DOC = ("On a GPU (the Triton backend): replay each whole forward and backward call from a CUDA graph, "
+                    "captured the second time a call with the same shapes, dtype, flags and parameters is seen "
+                    "(bitwise the eager results; skipped inside an outer graph capture and while torch.compile "
+                    "traces; cache bounds: hyperkern.set_cuda_graph_cache). Default True. False: the eager loop, "
+                    "2 launches per step. The other backends ignore it.")
 
 
 class HyperLSTMCell(_BackendAttr, nn.Module):
@@ -62,17 +67,19 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
     ``x`` is ``[B, input_size]`` (or ``[input_size]`` unbatched); ``state`` is a
     :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` of ``[B, *]`` tensors, zeros if omitted.
 
-    ``seeded_dropout`` and ``recompute``: settable attributes (also constructor arguments), see
-    their docs (:data:`_SEEDED_DOC`, :data:`_RECOMPUTE_DOC`).
+    ``seeded_dropout``, ``recompute`` and ``cuda_graphs``: settable attributes (also constructor
+    arguments), see their docs (:data:`_SEEDED_DOC`, :data:`_RECOMPUTE_DOC`, :data:`_CUDA_GRAPHS_DOC`).
     """
 
-    seeded_dropout = _cell_setting("seeded_dropout", True, _SEEDED_DOC)
+    seeded_dropout = _cell_setting("seeded_dropout", True, _SEEDED_DOC, default=None)
     recompute = _cell_setting("recompute", False, _RECOMPUTE_DOC)
+    cuda_graphs = _cell_setting("cuda_graphs", False, _CUDA_GRAPHS_DOC, default=True)
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
                  layer_norm: bool = True, forget_bias: float = 1.0, ln_eps: float = 1e-3,
                  recurrent_dropout: float = 0.0, init: str = "supercell", backend: str = "auto",
-                 device=None, dtype=None, seeded_dropout: Optional[bool] = None, recompute: bool = False):
+                 device=None, dtype=None, seeded_dropout: Optional[bool] = None, recompute: bool = False,
+                 cuda_graphs: bool = True):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("hyper_size", hyper_size), ("embed_size", embed_size)):
@@ -84,7 +91,7 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
                               float(forget_bias), float(ln_eps))
         self.recurrent_dropout = float(recurrent_dropout)
         self.backend = backend
-        self.seeded_dropout, self.recompute = seeded_dropout, recompute
+        self.seeded_dropout, self.recompute, self.cuda_graphs = seeded_dropout, recompute, cuda_graphs
         factory = {"device": device, "dtype": dtype}
         for name, shape in self.cfg.param_shapes().items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
@@ -155,7 +162,8 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
         name = op.resolve_backend(backend or self.backend, x.device, x.dtype, torch.is_grad_enabled(),
                                   embed_size=self.cfg.embed_size)
         masks = self.dropout_masks(x.shape[0], x.shape[1], x, name)
-        return op.get_backend(name)(x, tuple(state), self.params(), self.cfg, lengths, masks, recompute=self.recompute)
+        return op.get_backend(name)(x, tuple(state), self.params(), self.cfg, lengths, masks, recompute=self.recompute,
+                                    cuda_graphs=self.cuda_graphs)
 
     def forward(self, x: Tensor, state=None) -> Tuple[Tensor, HyperLSTMState]:
         _check_tensor("x", x, self.weight_ih)
@@ -191,18 +199,20 @@ class HyperLSTM(_BackendAttr, nn.Module):
     - ``lengths``: optional ``[B]`` valid lengths for a padded ``input`` (an alternative to packing).
     - ``output``: ``[T, B, num_directions * hidden_size]``; zero past each sequence's end.
 
-    ``seeded_dropout`` and ``recompute`` (constructor arguments and attributes; setting one sets
-    every cell): see :class:`HyperLSTMCell`.
+    ``seeded_dropout``, ``recompute`` and ``cuda_graphs`` (constructor arguments and attributes;
+    setting one sets every cell): see :class:`HyperLSTMCell`.
     """
 
-    seeded_dropout = _cell_setting("seeded_dropout", True, _SEEDED_DOC)
+    seeded_dropout = _cell_setting("seeded_dropout", True, _SEEDED_DOC, default=None)
     recompute = _cell_setting("recompute", False, _RECOMPUTE_DOC)
+    cuda_graphs = _cell_setting("cuda_graphs", False, _CUDA_GRAPHS_DOC, default=True)
 
     def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
                  num_layers: int = 1, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, layer_norm: bool = True, forget_bias: float = 1.0,
                  ln_eps: float = 1e-3, recurrent_dropout: float = 0.0, backend: str = "auto",
-                 device=None, dtype=None, seeded_dropout: Optional[bool] = None, recompute: bool = False):
+                 device=None, dtype=None, seeded_dropout: Optional[bool] = None, recompute: bool = False,
+                 cuda_graphs: bool = True):
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -219,9 +229,10 @@ class HyperLSTM(_BackendAttr, nn.Module):
             for _ in range(self.num_directions):
                 cells.append(HyperLSTMCell(layer_in, hidden_size, hyper_size, embed_size, layer_norm,
                                            forget_bias, ln_eps, recurrent_dropout, device=device, dtype=dtype,
-                                           seeded_dropout=seeded_dropout, recompute=recompute))
+                                           seeded_dropout=seeded_dropout, recompute=recompute,
+                                           cuda_graphs=cuda_graphs))
         self.cells = nn.ModuleList(cells)  # layer-major, then direction (forward, reverse)
-        self.seeded_dropout, self.recompute = seeded_dropout, recompute
+        self.seeded_dropout, self.recompute, self.cuda_graphs = seeded_dropout, recompute, cuda_graphs
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "

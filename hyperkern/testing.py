@@ -63,3 +63,36 @@ class GuardedAlloc:
     def check(self):
         bad = self.problems()
         assert not bad, "; ".join(bad)
+
+
+class RerunCapture:
+    """A stand-in for ``fused_triton.graphs.CudaGraphCapture`` on a machine without a GPU (the
+    tests, ``gpu-check --dry-run``). "Capture" runs the call once on static copies of its inputs
+    and keeps those outputs; "replay" runs it again on the static inputs and writes the results
+    into the same output tensors — what a graph replay does (the same buffers rewritten; whatever
+    the call closed over is baked in). So the cache's keys, eviction and skip conditions, and the
+    op's data flow through static inputs, run on CPU."""
+
+    def __init__(self):
+        self.captures = self.replays = 0
+
+    def supports(self, device):
+        return True
+
+    def device_memory(self, device):
+        return None  # no byte budget unless one is set
+
+    def capture(self, fn, inputs):
+        from hyperkern.ops.hyper_lstm.fused_triton.graphs import Captured
+
+        static = [None if t is None else t.clone() for t in inputs]
+        outputs = list(fn(*static))
+        self.captures += 1
+
+        def replay():
+            self.replays += 1
+            for o, n in zip(outputs, fn(*static)):
+                o.copy_(n)
+
+        nbytes = sum(t.numel() * t.element_size() for t in [*static, *outputs] if t is not None)
+        return Captured(static, outputs, replay, nbytes)

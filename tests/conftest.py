@@ -82,16 +82,34 @@ def run_compile_check(filters, tmp_path):
     return json.loads(out_json.read_text()), res.stdout
 
 
-def count_launches(monkeypatch, kernels):
-    """Record the name of every launch of the given ``@triton.jit`` kernels (by wrapping ``run``)."""
-    counts = []
+def record_launches(monkeypatch, kernels, record=lambda name, kwargs: (name, dict(kwargs))):
+    """Every launch of the given ``@triton.jit`` kernels, as ``record(name, keyword arguments)``
+    (default: the pair), recorded by wrapping the JIT's ``run`` (every launch reaches it in the
+    interpreter)."""
+    calls = []
     for fn in kernels:
         def run(*args, _orig=fn.run, _name=fn.__name__, **kw):
-            counts.append(_name)
+            calls.append(record(_name, kw))
             return _orig(*args, **kw)
 
         monkeypatch.setattr(fn, "run", run)
-    return counts
+    return calls
+
+
+def count_launches(monkeypatch, kernels):
+    """The name of every launch of the given kernels."""
+    return record_launches(monkeypatch, kernels, record=lambda name, kwargs: name)
+
+
+@pytest.fixture
+def rerun_graphs(monkeypatch):
+    """A fresh whole-call graph cache with ``hyperkern.testing.RerunCapture`` (CPU tensors allowed)."""
+    from hyperkern.ops.hyper_lstm.fused_triton import graphs
+    from hyperkern.testing import RerunCapture
+
+    cache = graphs.GraphCache(capturer=RerunCapture())
+    monkeypatch.setattr(graphs, "CACHE", cache)
+    return cache
 
 
 def layer_pair(dtype, backend, device="cpu", seed=0, **kw):

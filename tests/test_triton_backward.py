@@ -255,7 +255,7 @@ def test_backward_is_bitwise_deterministic(masks_kind):
 
 # --- torch.library registration, torch.compile -------------------------------------------------
 
-def _op_args(requires_grad: bool, save: bool, seeded: bool = False):
+def _op_args(requires_grad: bool, save: bool, seeded: bool = False, cuda_graphs: bool = True):
     cfg = CellConfig(input_size=3, hidden_size=5, hyper_size=4, embed_size=2)
     g = torch.Generator().manual_seed(55)
     P = [(0.3 * torch.randn(s, generator=g)).to(DEVICE).requires_grad_(requires_grad)
@@ -263,16 +263,21 @@ def _op_args(requires_grad: bool, save: bool, seeded: bool = False):
     x = torch.randn(2, 2, 3, generator=g).to(DEVICE).requires_grad_(requires_grad)
     st = [(0.5 * torch.randn(2, n, generator=g)).to(DEVICE) for n in (5, 5, 4, 4)]
     seed = torch.tensor([987654321], dtype=torch.int64, device=DEVICE) if seeded else None
-    return (x, *st, P, None, None, None, seed, 0.25 if seeded else 0.0, 5, 4, 2, True, 1.0, 1e-3, save)
+    return (x, *st, P, None, None, None, seed, 0.25 if seeded else 0.0, 5, 4, 2, True, 1.0, 1e-3, save, cuda_graphs)
 
 
+@pytest.mark.parametrize("graphs", ["eager", "replayed"])
 @pytest.mark.parametrize("seeded", [False, True], ids=["nodrop", "seeded"])
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-def test_custom_op_opcheck(requires_grad, seeded):
+def test_custom_op_opcheck(requires_grad, seeded, graphs, request):
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
-    dispatch of hyperkern::hyper_lstm_triton (with and without a dropout seed)."""
+    dispatch of hyperkern::hyper_lstm_triton (with and without a dropout seed); "replayed": with
+    whole-call graphs (the CPU stand-in capture, ``hyperkern.testing.RerunCapture``), so opcheck's repeated calls
+    run through the capture and the replays, forward and backward."""
+    if graphs == "replayed":
+        request.getfixturevalue("rerun_graphs")
     torch.library.opcheck(torch.ops.hyperkern.hyper_lstm_triton.default,
-                          _op_args(requires_grad, requires_grad, seeded))
+                          _op_args(requires_grad, requires_grad, seeded, cuda_graphs=graphs == "replayed"))
 
 
 def test_torch_compile_fullgraph_matches_eager():

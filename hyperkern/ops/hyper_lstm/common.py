@@ -3,7 +3,8 @@ calling convention of a backend (SPEC §1 is the contract for the maths).
 
 A backend runs ONE cell (one layer, one direction) over a whole sequence:
 
-    out, (h, c, h_hat, c_hat) = backend(x, state, params, cfg, lengths=None, masks=None, *, recompute=False)
+    out, (h, c, h_hat, c_hat) = backend(x, state, params, cfg, lengths=None, masks=None, *,
+                                        recompute=False, cuda_graphs=True)
 
 - ``x``: ``[T, B, X]``, already in processing order (the module reverses sequences for the
   reverse direction, so backends only ever run forward in time).
@@ -18,6 +19,9 @@ A backend runs ONE cell (one layer, one direction) over a whole sequence:
   ``(seed, p)`` standing for masks every backend derives identically (:mod:`.dropout`).
 - ``recompute``: a training-memory choice. The Triton backend then keeps only every step's state
   and recomputes the rest in the backward (same gradients, bitwise); the other backends ignore it.
+- ``cuda_graphs``: the Triton backend replays each whole call from a CUDA graph where it can
+  (``fused_triton.graphs``; bitwise the eager results); False runs the eager loop. The other
+  backends ignore it.
 
 Returns ``out [T, B, H]`` and the final state (each sequence's state at its own last step).
 """
@@ -133,14 +137,15 @@ def register_sequence_autograd(forward_op, backward_op) -> None:
     """The autograd formula of a backend's sequence op (``hyperkern::hyper_lstm_torch``,
     ``hyperkern::hyper_lstm_triton``): both share one schema — forward ``(x, h0, c0, ĥ0, ĉ0,
     params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias, ln_eps,
-    save)`` returning ``[out, h, c, ĥ, ĉ] + saved``, backward ``(x, params, saved, lengths, m_main,
-    m_hyper, seed, p_drop, d_out, dh, dc, dĥ, dĉ, H, Hh, E, layer_norm, forget_bias, ln_eps)``
-    returning ``[dx, dh0, dc0, dĥ0, dĉ0] + parameter gradients``."""
+    save, *options)`` returning ``[out, h, c, ĥ, ĉ] + saved``, backward ``(x, params, saved,
+    lengths, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dĥ, dĉ, H, Hh, E, layer_norm,
+    forget_bias, ln_eps, *options)`` returning ``[dx, dh0, dc0, dĥ0, dĉ0] + parameter gradients``.
+    ``options``: scalar arguments of an op's own (the Triton ops' ``cuda_graphs``), passed on."""
     name = str(forward_op)
 
     def setup_context(ctx, inputs, output):
         x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, *scalars = inputs
-        ctx.scalars, ctx.p_drop = scalars[:6], p_drop  # H .. ln_eps (not ``save``)
+        ctx.scalars, ctx.p_drop = scalars[:6] + scalars[7:], p_drop  # H .. ln_eps, then the options (not ``save``)
         ctx.state_dtypes = [s.dtype for s in (h0, c0, hh0, ch0)]
         ctx.n_params, ctx.n_nondiff = len(params), len(inputs) - 6  # x, the 4 states, params
         optional = (lengths, m_main, m_hyper, seed)

@@ -73,10 +73,10 @@ def cell_step(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, masks=(No
 
 def hyper_lstm_sequence(
     x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
-    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False,
+    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False, cuda_graphs: bool = True,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Run one cell over ``x [T, B, X]`` (calling convention in ``common``; ``recompute`` does not
-    apply: autograd keeps what it keeps)."""
+    """Run one cell over ``x [T, B, X]`` (calling convention in ``common``; ``recompute`` and
+    ``cuda_graphs`` do not apply: autograd keeps what it keeps, and it runs eagerly)."""
     T = x.shape[0]
     masks = mask_tensors(masks, T, x.shape[1], cfg.hidden_size, cfg.hyper_size, x.dtype)
     outputs = []

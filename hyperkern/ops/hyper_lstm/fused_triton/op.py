@@ -4,7 +4,8 @@ point, calling convention in ``..common``) and the two ``torch.library`` custom 
 The whole sequence is one call of ``hyperkern::hyper_lstm_triton`` (so ``torch.compile`` keeps it
 as one opaque node, no graph break); with gradients required the op also returns what the
 backward needs, and its registered autograd formula is ``hyperkern::hyper_lstm_triton_backward``
-(the fused BPTT of :func:`.launch.run_backward`).
+(the fused BPTT of :func:`.launch.run_backward`). On CUDA each op replays its whole call from a
+CUDA graph where it can (:mod:`.graphs`; ``cuda_graphs=False`` runs the eager loop).
 """
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from torch import Tensor
 from ..common import (NUM_PATHS, CellConfig, Lengths, Masks, cell_config, fake_sequence_grads, fake_sequence_outputs,
                       needs_grad, register_sequence_autograd)
 from ..dropout import masks_from_op, masks_to_op
-from .launch import _acc_dtype, _check_inputs, run_backward, run_sequence
+from . import graphs
+from .launch import _acc_dtype, _check_inputs, _dot, run_backward, run_sequence
 
 
 def hyper_lstm_sequence(
     x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
-    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False,
+    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False, cuda_graphs: bool = True,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Run one cell over ``x [T, B, X]`` with the fused Triton kernels (calling convention in ``common``).
 
@@ -29,14 +31,15 @@ def hyper_lstm_sequence(
     also returns every step's state, P, G, Â and z — or, with ``recompute``, only every step's
     state: the backward then rebuilds XP with one GEMM and re-runs each step's forward kernels (2
     more launches per step, 4 in all) to get P, G, Â and z, giving bitwise the same gradients —
-    and its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``)."""
+    and its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``).
+    ``cuda_graphs``: replay the forward and the backward from CUDA graphs where possible."""
     _check_inputs(x, state, params, cfg, lengths, masks)
     save = (2 if recompute else 1) if needs_grad(x, state, params) else 0
     flat = [params[n] for n in cfg.param_names()]
     m_main, m_hyper, seed, p_drop = masks_to_op(masks)
     res = torch.ops.hyperkern.hyper_lstm_triton(
         x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size, cfg.embed_size,
-        bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save)
+        bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save, bool(cuda_graphs))
     return res[0], tuple(res[1:5])
 
 
@@ -59,7 +62,7 @@ def hyper_lstm_triton_op(
     x: Tensor, h0: Tensor, c0: Tensor, hh0: Tensor, ch0: Tensor, params: List[Tensor],
     lengths: Optional[Tensor], m_main: Optional[Tensor], m_hyper: Optional[Tensor],
     seed: Optional[Tensor], p_drop: float,
-    H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float, save: int,
+    H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float, save: int, cuda_graphs: bool,
 ) -> List[Tensor]:
     """[out, h, c, ĥ, ĉ] + what the backward needs: nothing (``save=0``, inference), every step's
     tensors (1: :data:`SAVED_NAMES`) or only every step's states (2, recompute mode:
@@ -67,18 +70,28 @@ def hyper_lstm_triton_op(
     drop probability ``p_drop`` (see :func:`..dropout.masks_to_op`), or neither."""
     cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
-    masks = masks_from_op(m_main, m_hyper, seed, p_drop)
+    _check_inputs(x, (h0, c0, hh0, ch0), p, cfg, lengths, masks_from_op(m_main, m_hyper, seed, p_drop))
     mode = {0: False, 1: "full", 2: "states"}[int(save)]
-    out, final, buf = run_sequence(x, (h0, c0, hh0, ch0), p, cfg, lengths, masks, save=mode)
-    res = [out] + [f.clone() for f in final]  # never alias another output
-    if save:
-        res += [buf.saved[n] for n in (SAVED_NAMES if save == 1 else SAVED_NAMES_STATES)]
-    return res
+    names = SAVED_NAMES if save == 1 else SAVED_NAMES_STATES
+
+    def forward(x, h0, c0, hh0, ch0, lens, m_main, m_hyper, seed) -> List[Tensor]:
+        masks = masks_from_op(m_main, m_hyper, seed, p_drop)
+        out, final, buf = run_sequence(x, (h0, c0, hh0, ch0), p, cfg, lens, masks, save=mode, check=False)
+        res = [out] + [f.clone() for f in final]  # never alias another output
+        if save:
+            res += [buf.saved[n] for n in names]
+        return res
+
+    lens = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
+    inputs = [x, h0, c0, hh0, ch0, lens, m_main, m_hyper, seed]
+    key = graphs.graph_key("hyper_lstm_triton", (H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps),
+                                                 int(save), float(p_drop)), inputs, params, x.device, _dot(x.dtype))
+    return graphs.CACHE.run(key, forward, inputs, enabled=cuda_graphs)
 
 
 @hyper_lstm_triton_op.register_fake
 def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
-      ln_eps, save):
+      ln_eps, save, cuda_graphs):
     res = fake_sequence_outputs(x, H, Hh)
     if save:
         shapes = _saved_shapes(x.shape[0], x.shape[1], H, Hh, E)
@@ -92,21 +105,32 @@ def hyper_lstm_triton_backward_op(
     x: Tensor, params: List[Tensor], saved: List[Tensor], lengths: Optional[Tensor], m_main: Optional[Tensor],
     m_hyper: Optional[Tensor], seed: Optional[Tensor], p_drop: float, d_out: Optional[Tensor], dh: Optional[Tensor],
     dc: Optional[Tensor], dhh: Optional[Tensor], dch: Optional[Tensor],
-    H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float,
+    H: int, Hh: int, E: int, layer_norm: bool, forget_bias: float, ln_eps: float, cuda_graphs: bool,
 ) -> List[Tensor]:
     """[d x, d h0, d c0, d ĥ0, d ĉ0] + the parameter gradients (``cfg.param_names()`` order).
     (``lengths``: the sequence op's schema; the device lengths are among the ``saved`` tensors.)"""
     cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
-    sv = dict(zip(SAVED_NAMES if len(saved) == len(SAVED_NAMES) else SAVED_NAMES_STATES, saved))
-    sv["masks"] = masks_from_op(m_main, m_hyper, seed, p_drop)
-    dx, d_state, grads, _ = run_backward(x, p, cfg, sv, d_out, (dh, dc, dhh, dch))
-    return [dx, *d_state] + [grads[n] for n in cfg.param_names()]
+    names = SAVED_NAMES if len(saved) == len(SAVED_NAMES) else SAVED_NAMES_STATES
+    n_saved = len(names)
+
+    def backward(x, *rest) -> List[Tensor]:
+        sv = dict(zip(names, rest[:n_saved]))
+        m_main, m_hyper, seed, d_out, *d_final = rest[n_saved:]
+        sv["masks"] = masks_from_op(m_main, m_hyper, seed, p_drop)
+        dx, d_state, grads, _ = run_backward(x, p, cfg, sv, d_out, tuple(d_final))
+        return [dx, *d_state] + [grads[n] for n in cfg.param_names()]
+
+    inputs = [x, *saved, m_main, m_hyper, seed, d_out, dh, dc, dhh, dch]
+    key = graphs.graph_key("hyper_lstm_triton_backward", (H, Hh, E, bool(layer_norm), float(forget_bias),
+                                                          float(ln_eps), float(p_drop)),
+                           inputs, params, x.device, _dot(x.dtype))
+    return graphs.CACHE.run(key, backward, inputs, enabled=cuda_graphs)
 
 
 @hyper_lstm_triton_backward_op.register_fake
 def _(x, params, saved, lengths, m_main, m_hyper, seed, p_drop, d_out, dh, dc, dhh, dch, H, Hh, E, layer_norm,
-      forget_bias, ln_eps):
+      forget_bias, ln_eps, cuda_graphs):
     return fake_sequence_grads(x, params, H, Hh)
 
 
