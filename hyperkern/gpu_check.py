@@ -13,14 +13,20 @@ budget (what does not fit is reported as not run, never silently dropped). On CU
   allocations). Cases run in a pool of worker processes (the Triton JIT compiles in parallel).
 - ``large_offsets`` — a HyperLSTM output whose flat offsets pass 2^31 elements, and a static
   generation whose output holds more than 2^31 elements, each equal to the small-offset result.
-- ``graphs`` — a forward and a training step captured in CUDA graphs and replayed: equal to eager.
+- ``graphs`` — the layer's own whole-call CUDA graphs (the default on CUDA): three training calls
+  with new inputs, lengths and dropout seeds, bitwise equal to the eager loop and really replayed;
+  launches bound once per call against every step through the JIT, bitwise; and a forward and a
+  training step captured in a user's own outer graph (the layer then runs its eager loop) and
+  replayed: equal to eager.
 - ``compile`` — ``torch.compile(fullgraph=True)`` with Inductor over the layer (forward and
   backward) and over static generation: no graph break, equal to eager.
 - ``determinism`` — gradients bitwise equal across repeated runs.
 - ``timing`` — µs per step forward and forward+backward at the performance model's shapes, fp32
-  (TF32) and bf16, eager and CUDA-graph replayed, beside ``nn.LSTM`` (cuDNN) of the same sizes in
-  the same run, with the model's prediction and measured / predicted; CUDA events, warm-up,
-  median, inputs rotated.
+  (TF32) and bf16: the eager loop (``cuda_graphs=False``; also with every launch through Triton's
+  JIT) and the layer's own graph replays, each as host µs per step (the call's wall time on the
+  host, no device sync) beside device µs per step (CUDA events around the call: the stream's span,
+  which includes any gap the host leaves), beside ``nn.LSTM`` (cuDNN) of the same sizes in the
+  same run, with the model's prediction and measured / predicted; warm-up, median, inputs rotated.
 
 Everything goes to ``gpu-check.json`` under ``--out`` (rewritten after every section, so a run cut
 short keeps what it had), a short table is printed last, and the exit status is 1 on any
@@ -432,8 +438,85 @@ def section_large_offsets(ctx) -> List[dict]:
     return rows
 
 
+def _training_call(layer, x, lengths, seed: int) -> List[torch.Tensor]:
+    """Output, final state and every gradient of one training call (seeded recurrent dropout)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out, st = layer(x, lengths=lengths)
+    (out.float().square().sum() + st.c.float().sum() + st.h_hat.float().sum()).backward()
+    return [out.detach(), *(s.detach() for s in st), x.grad] + [p.grad.clone() for p in layer.parameters()]
+
+
 def section_graphs(ctx) -> List[dict]:
-    """A forward (inference) and a training step captured in CUDA graphs and replayed: equal to eager."""
+    """The layer's own whole-call graphs and bound launches against the eager loop (bitwise); a
+    forward (inference) and a training step captured in a user's own graph and replayed: equal to
+    eager. Dry run: the stand-in capture (``hyperkern.testing.RerunCapture``), no outer capture."""
+    from hyperkern.ops import launches
+
+    from hyperkern.ops.hyper_lstm.fused_triton import graphs
+
+    rows = []
+    real_cache = graphs.CACHE
+    if ctx.dry_run:  # no CUDA graphs on the CPU: the stand-in capture re-runs each call
+        from hyperkern.testing import RerunCapture
+
+        graphs.CACHE = graphs.GraphCache(capturer=RerunCapture())
+    try:
+        rows += _own_graph_rows(ctx)
+    finally:
+        graphs.CACHE = real_cache
+    layer, x = _small_layer(recurrent_dropout=0.3)
+    layer.cuda_graphs = False
+    bound = _training_call(layer, x, None, 5)
+    launches.BIND_COMPILED = False
+    try:
+        jit = _training_call(layer, x, None, 5)
+    finally:
+        launches.BIND_COMPILED = True
+    ok = all(torch.equal(a, b) for a, b in zip(bound, jit))
+    rows.append(dict(name="launches bound once per call vs every step through the JIT: bitwise equal", ok=ok,
+                     note="" if ok else "the bound launches differ from the JIT's"))
+    if ctx.dry_run:
+        rows.append(dict(name="a user's own outer graph capture", ok=True, note="not run (dry run: needs CUDA)"))
+        return rows
+    rows += _outer_capture_rows()
+    return rows
+
+
+def _own_graph_rows(ctx) -> List[dict]:
+    """The layer's own whole-call graphs: three training calls with new inputs, lengths and seeds,
+    bitwise the eager loop, calls 2 and 3 replayed."""
+    import copy
+
+    from hyperkern import clear_cuda_graph_cache, cuda_graph_cache_info
+
+    rows = []
+    shape = dict(num_layers=1) if ctx.dry_run else dict(num_layers=2, bidirectional=True)
+    for dtype in [torch.float32] if ctx.dry_run else [torch.float32, torch.bfloat16]:
+        graphed, x = _small_layer(dtype, recurrent_dropout=0.3, **shape)
+        eager = copy.deepcopy(graphed)
+        eager.cuda_graphs = False
+        clear_cuda_graph_cache()
+        g = torch.Generator().manual_seed(11)
+        ok, calls = True, []
+        for i in range(3):  # eager (first seen), captured and replayed, replayed
+            xi = torch.randn(x.shape, generator=g).to(x.device, dtype)
+            lengths = torch.tensor([5, 4, 2])[torch.randperm(3, generator=g)]
+            got, want = _training_call(graphed, xi, lengths, 20 + i), _training_call(eager, xi, lengths, 20 + i)
+            ok &= all(torch.equal(a, b) for a, b in zip(got, want))
+            calls.append(got[0])
+        counts = cuda_graph_cache_info().counts
+        replayed, want = counts.get("replayed", 0), 2 * 2 * len(graphed.cells)  # calls 2-3 x (fwd, bwd) x cells
+        ok &= replayed == want and not torch.equal(calls[1], calls[2])
+        rows.append(dict(name=f"whole-call graphs: 3 training calls ({len(graphed.cells)} cells, lengths, seeded "
+                              f"dropout), {precision_name(dtype)}, bitwise the eager loop", ok=ok, counts=counts,
+                         note="" if ok else f"differs from eager, or {replayed} calls replayed (want {want})"))
+    return rows
+
+
+def _outer_capture_rows() -> List[dict]:
+    """A forward and a training step in a user's own CUDA graph (the layer runs its eager loop)."""
     rows = []
     layer, x = _small_layer()
     with torch.no_grad():
@@ -451,7 +534,8 @@ def section_graphs(ctx) -> List[dict]:
     graph.replay()
     torch.cuda.synchronize()
     ok = torch.equal(out, want) and all(torch.equal(a, b) for a, b in zip(st, want_st))
-    rows.append(dict(name="forward captured and replayed", ok=ok, note="" if ok else "replay differs from eager"))
+    rows.append(dict(name="forward captured in a user's graph and replayed", ok=ok,
+                     note="" if ok else "replay differs from eager"))
 
     # training step: forward + backward (parameter gradients) in one graph
     gout = torch.randn_like(want)
@@ -473,7 +557,7 @@ def section_graphs(ctx) -> List[dict]:
     graph.replay()
     torch.cuda.synchronize()
     ok = all(torch.equal(p.grad, w) for p, w in zip(layer.parameters(), want_grads))
-    rows.append(dict(name="training step (forward + backward) captured and replayed", ok=ok,
+    rows.append(dict(name="training step (forward + backward) captured in a user's graph and replayed", ok=ok,
                      note="" if ok else "replayed gradients differ from eager"))
     return rows
 
@@ -561,37 +645,30 @@ def precision_name(dtype) -> str:
 def _cuda_time_ms(fn, inputs: Sequence, warmup: int = 2, reps: int = 7) -> float:
     """Median milliseconds of ``fn(inputs[i])`` over ``reps`` calls (CUDA events around each call;
     inputs rotated so no call finds the previous one's data in the caches)."""
+    return _host_device_ms(fn, inputs, warmup, reps)[1]
+
+
+def _host_device_ms(fn, inputs: Sequence, warmup: int = 2, reps: int = 7):
+    """(host ms, device ms) of ``fn(inputs[i])``, medians over ``reps`` calls after ``warmup``
+    (two: a layer's first call of a shape runs eagerly, its second captures its graph). Host: the
+    call's wall time without a device sync (what the Python thread spends enqueueing). Device:
+    CUDA events around the call, i.e. the stream's span from its first to its last operation, gaps
+    the host leaves included. The device is idle when each call starts."""
     for i in range(warmup):
         fn(inputs[i % len(inputs)])
     torch.cuda.synchronize()
-    times = []
+    host, device = [], []
     for i in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t0 = time.perf_counter()
         fn(inputs[i % len(inputs)])
+        t1 = time.perf_counter()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _graphed(step, static_in, inputs):
-    """``step`` captured once in a CUDA graph over ``static_in``; returns a function of an input
-    that copies it in and replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step(static_in)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(static_in)
-
-    def run(inp):
-        static_in.copy_(inp)
-        graph.replay()
-    return run
+        host.append((t1 - t0) * 1e3)
+        device.append(start.elapsed_time(end))
+    return statistics.median(host), statistics.median(device)
 
 
 def section_timing(ctx) -> List[dict]:
@@ -613,7 +690,9 @@ def section_timing(ctx) -> List[dict]:
 
 
 def _time_shape(s, dtype, dt_name: str, T: int) -> dict:
+    from hyperkern import clear_cuda_graph_cache, cuda_graph_cache_info
     from hyperkern import perf_model as pm
+    from hyperkern.ops import launches
 
     model, _ = _timing_model(s, dtype, T)
     xs = [torch.randn(T, s.B, s.X, device="cuda", dtype=dtype) for _ in range(3)]
@@ -636,10 +715,31 @@ def _time_shape(s, dtype, dt_name: str, T: int) -> dict:
 
     us = lambda ms: ms * 1e3 / T  # noqa: E731
     row = dict(name=f"{s.name} {dt_name}", shape=s.name, dtype=dt_name, X=s.X, H=s.H, Hh=s.Hh, E=s.E, B=s.B, T=T, ok=True)
-    row["fwd_eager_us"] = us(_cuda_time_ms(fwd(model), xs))
-    row["fwd_graph_us"] = us(_cuda_time_ms(_graphed(fwd(model), xs[0].clone(), xs), xs))
-    row["fwdbwd_eager_us"] = us(_cuda_time_ms(fwd_bwd(model), xs))
-    row["fwdbwd_graph_us"] = us(_cuda_time_ms(_graphed(fwd_bwd(model), xs[0].clone(), xs), xs))
+    for mode, graphs in (("eager", False), ("graph", True)):  # graph: the layer's own replays (its default)
+        model.cuda_graphs = graphs
+        if graphs:
+            clear_cuda_graph_cache()  # (then the cache holds this shape's graphs only: their bytes below)
+        before = dict(cuda_graph_cache_info().counts)
+        for name, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
+            host, device = _host_device_ms(fn(model), xs)
+            row[f"{name}_{mode}_host_us"], row[f"{name}_{mode}_us"] = us(host), us(device)
+        if graphs:
+            info = cuda_graph_cache_info()
+            after = info.counts
+            grew = {k: after.get(k, 0) - before.get(k, 0) for k in ("replayed", "too_big")}
+            row["graph_counts"] = grew
+            row["graph_mb"] = info.nbytes / 1e6  # inference forward + training forward + backward graphs
+            if grew["too_big"]:
+                row["note"] = "a graph over the cache's byte budget: those calls ran the eager loop"
+            elif grew["replayed"] < 3 * 7:  # forward 7 reps, forward+backward 7 x 2
+                row.update(ok=False, note=f"only {grew['replayed']} calls replayed from the layer's graphs")
+    model.cuda_graphs = False
+    launches.BIND_COMPILED = False  # every step's launch through Triton's JIT
+    try:
+        host, device = _host_device_ms(fwd(model), xs)
+        row["fwd_eager_jit_host_us"], row["fwd_eager_jit_us"] = us(host), us(device)
+    finally:
+        launches.BIND_COMPILED = True
     try:
         row["lstm_fwd_us"] = us(_cuda_time_ms(fwd(lstm), xs))
         row["lstm_fwdbwd_us"] = us(_cuda_time_ms(fwd_bwd(lstm), xs))
@@ -696,7 +796,7 @@ def environment() -> dict:
 SECTION_FNS = {"large_offsets": section_large_offsets, "graphs": section_graphs, "compile": section_compile,
                "determinism": section_determinism, "timing": section_timing}
 CUDA_ONLY = {"large_offsets": "needs over 13 GB of device memory for buffers past 2^31 elements",
-             "graphs": "CUDA graphs need CUDA", "timing": "CUDA events time a GPU"}
+             "timing": "CUDA events time a GPU"}
 
 
 def _write(path: str, result: dict) -> None:
@@ -793,14 +893,22 @@ def format_summary(result: dict) -> str:
     timing = result["sections"].get("timing", {})
     trows = [r for r in timing.get("rows", []) if "fwd_eager_us" in r]
     if trows:
-        lines.append("µs per step (measured; pred = the performance model's H100 figure; ratio = measured / pred)")
-        lines.append(f"{'shape':22s} {'dtype':5s} {'fwd eager':>9s} {'graph':>7s} {'pred g':>7s} {'ratio':>5s} "
-                     f"{'f+b eager':>9s} {'graph':>7s} {'pred g':>7s} {'ratio':>5s} {'LSTM fwd':>8s} {'LSTM f+b':>8s}")
+        lines.append("µs per step, host (wall time of the call, no sync) / device (CUDA events): the eager loop and "
+                     "the layer's graph replays; pred = the performance model's H100 graph figure, ratio = device / pred")
+        lines.append(f"{'shape':22s} {'dtype':5s} {'fwd eager h/d':>13s} {'replay h/d':>11s} {'pred':>5s} {'ratio':>5s} "
+                     f"{'f+b eager h/d':>13s} {'replay h/d':>11s} {'pred':>5s} {'ratio':>5s} {'JIT fwd h':>9s} "
+                     f"{'LSTM fwd':>8s} {'LSTM f+b':>8s} {'graph MB':>8s}")
+
+        def hd(r, k):
+            return f"{r.get(k + '_host_us', float('nan')):.0f}/{r[k + '_us']:.0f}"
+
         for r in trows:
-            lines.append(f"{r['shape']:22s} {r['dtype']:5s} {r['fwd_eager_us']:9.1f} {r['fwd_graph_us']:7.1f} "
-                         f"{r['pred_fwd_graph_us']:7.1f} {r['fwd_graph_over_pred']:5.2f} {r['fwdbwd_eager_us']:9.1f} "
-                         f"{r['fwdbwd_graph_us']:7.1f} {r['pred_fwdbwd_graph_us']:7.1f} {r['fwdbwd_graph_over_pred']:5.2f} "
-                         f"{r.get('lstm_fwd_us', float('nan')):8.1f} {r.get('lstm_fwdbwd_us', float('nan')):8.1f}")
+            lines.append(f"{r['shape']:22s} {r['dtype']:5s} {hd(r, 'fwd_eager'):>13s} {hd(r, 'fwd_graph'):>11s} "
+                         f"{r['pred_fwd_graph_us']:5.1f} {r['fwd_graph_over_pred']:5.2f} {hd(r, 'fwdbwd_eager'):>13s} "
+                         f"{hd(r, 'fwdbwd_graph'):>11s} {r['pred_fwdbwd_graph_us']:5.1f} "
+                         f"{r['fwdbwd_graph_over_pred']:5.2f} {r.get('fwd_eager_jit_host_us', float('nan')):9.1f} "
+                         f"{r.get('lstm_fwd_us', float('nan')):8.1f} {r.get('lstm_fwdbwd_us', float('nan')):8.1f} "
+                         f"{r.get('graph_mb', float('nan')):8.0f}")
     return "\n".join(lines)
 
 

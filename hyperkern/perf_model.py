@@ -251,7 +251,8 @@ def rows(shapes: Sequence[Shape] = SHAPES, dtypes: Sequence[str] = ("fp32", "bf1
 
 
 def measure(s: Shape, dtype: str, repeats: int = 5) -> float:
-    """Measured µs per step of the Triton forward on the current CUDA device (host launches)."""
+    """Measured µs per step of the Triton forward on the current CUDA device (host launches: the
+    eager loop, ``cuda_graphs=False``; ``gpu-check`` also times the layer's graph replays)."""
     import torch
 
     from hyperkern import HyperLSTMCell
@@ -267,12 +268,12 @@ def measure(s: Shape, dtype: str, repeats: int = 5) -> float:
     state = tuple(torch.zeros(s.B, n, device=dev, dtype=tdt) for n in (s.H, s.H, s.Hh, s.Hh))
     with torch.no_grad():
         for _ in range(2):
-            fused_triton.hyper_lstm_sequence(x, state, params, cell.cfg)
+            fused_triton.hyper_lstm_sequence(x, state, params, cell.cfg, cuda_graphs=False)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(repeats):
-            fused_triton.hyper_lstm_sequence(x, state, params, cell.cfg)
+            fused_triton.hyper_lstm_sequence(x, state, params, cell.cfg, cuda_graphs=False)
         end.record()
         torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (repeats * s.T)

@@ -135,12 +135,15 @@ def test_needs_cuda_or_dry_run(tmp_path):
 def test_summary_prints_the_timing_table():
     row = dict(shape="PTB (paper)", dtype="fp32", fwd_eager_us=30.0, fwd_graph_us=15.0, pred_fwd_graph_us=14.0,
                fwd_graph_over_pred=15 / 14, fwdbwd_eager_us=90.0, fwdbwd_graph_us=60.0, pred_fwdbwd_graph_us=58.0,
-               fwdbwd_graph_over_pred=60 / 58, lstm_fwd_us=3.0, lstm_fwdbwd_us=9.0, ok=True)
+               fwdbwd_graph_over_pred=60 / 58, lstm_fwd_us=3.0, lstm_fwdbwd_us=9.0, ok=True,
+               fwd_eager_host_us=29.0, fwd_graph_host_us=0.4, fwdbwd_eager_host_us=88.0, fwdbwd_graph_host_us=0.9,
+               fwd_eager_jit_host_us=41.5)
     result = {"environment": {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6.0"}, "dry_run": False,
               "seconds": 300, "failed": 0,
               "sections": {"timing": {"rows": [row], "not_run": [], "budget_s": 70, "seconds": 20, "skipped": None}}}
     text = gpu_check.format_summary(result)
     assert "NVIDIA H200" in text and "PASS" in text and "PTB (paper)" in text and " 1.07 " in text
+    assert " 29/30 " in text and " 0/15 " in text and " 88/90 " in text and " 41.5 " in text  # host / device
 
 
 def test_seed_tape_replays_the_models_draws_on_another_device():
