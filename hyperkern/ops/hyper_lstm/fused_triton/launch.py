@@ -181,6 +181,16 @@ def _check_inputs(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, 
                 raise ValueError(f"masks: {what} is on {m.device}, x on {x.device}")
 
 
+def _output(buf: "_Buffers", out: Optional[Tensor], T: int, B: int, H: int, dtype, dev) -> Tensor:
+    """A forward call's output: ``out`` validated, or a new ``[T, B, H]`` buffer."""
+    if out is None:
+        return buf.new("out", (T, B, H), dtype)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (T, B, H) or out.dtype != dtype \
+            or out.device != dev or out.stride(-1) != 1:
+        raise ValueError(f"out must be a [T, B, H] = {(T, B, H)} {dtype} tensor on {dev} with inner stride 1")
+    return out
+
+
 def _dot(dtype: torch.dtype) -> str:
     """The dot precision of this call (:mod:`hyperkern.ops.precision`)."""
     return precision.dot_precision(dtype, interpreted=kernels_interpreted())
@@ -229,12 +239,7 @@ def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
         p_bufs, g_bufs, ah_bufs, z_bufs = ((s_,) * T for s_ in scratch)
     for dst, src in zip((hs[0], cs[0], hhs[0], chs[0]), state):
         dst.copy_(src)
-    if out is None:
-        out = buf.new("out", (T, B, H), dtype)
-    else:
-        if not isinstance(out, Tensor) or tuple(out.shape) != (T, B, H) or out.dtype != dtype \
-                or out.device != dev or out.stride(-1) != 1:
-            raise ValueError(f"out must be a [T, B, H] = {(T, B, H)} {dtype} tensor on {dev} with inner stride 1")
+    out = _output(buf, out, T, B, H, dtype, dev)
 
     for t in range(T):
         cur, nxt = (t, t + 1) if save else (t % 2, (t + 1) % 2)

@@ -29,13 +29,19 @@ def hyper_lstm_sequence(
     state: the backward then rebuilds XP with one GEMM and re-runs each step's forward kernels (2
     more launches per step, 4 in all) to get P, G, Â and z, giving bitwise the same gradients —
     and its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``)."""
+    return call_sequence_op(torch.ops.hyperkern.hyper_lstm_triton, x, state, params, cfg, lengths, masks, recompute)
+
+
+def call_sequence_op(sequence_op, x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, lengths: Lengths,
+                     masks: Masks, recompute: bool):
+    """One call of a Triton sequence op (``hyper_lstm_triton`` or ``hyper_lstm_triton_persistent``:
+    one schema), keeping what the backward needs when gradients are required."""
     _check_inputs(x, state, params, cfg, lengths, masks)
     save = (2 if recompute else 1) if needs_grad(x, state, params) else 0
     flat = [params[n] for n in cfg.param_names()]
     m_main, m_hyper, seed, p_drop = masks_to_op(masks)
-    res = torch.ops.hyperkern.hyper_lstm_triton(
-        x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size, cfg.embed_size,
-        bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save)
+    res = sequence_op(x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size,
+                      cfg.embed_size, bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save)
     return res[0], tuple(res[1:5])
 
 
@@ -64,20 +70,27 @@ def hyper_lstm_triton_op(
     tensors (1: :data:`SAVED_NAMES`) or only every step's states (2, recompute mode:
     :data:`SAVED_NAMES_STATES`). Recurrent dropout: the masks ``m_main, m_hyper``, or ``seed`` with
     drop probability ``p_drop`` (see :func:`..dropout.masks_to_op`), or neither."""
+    return run_sequence_op(run_sequence, x, (h0, c0, hh0, ch0), params, lengths, m_main, m_hyper, seed, p_drop,
+                           H, Hh, E, layer_norm, forget_bias, ln_eps, save)
+
+
+def run_sequence_op(run, x, state, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
+                    ln_eps, save) -> List[Tensor]:
+    """The body of a Triton sequence op: ``run`` (a forward launcher with :func:`.launch.run_sequence`'s
+    signature) over the op's arguments, and the op's outputs."""
     cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
     masks = masks_from_op(m_main, m_hyper, seed, p_drop)
     mode = {0: False, 1: "full", 2: "states"}[int(save)]
-    out, final, buf = run_sequence(x, (h0, c0, hh0, ch0), p, cfg, lengths, masks, save=mode)
+    out, final, buf = run(x, state, p, cfg, lengths, masks, save=mode)
     res = [out] + [f.clone() for f in final]  # never alias another output
     if save:
         res += [buf.saved[n] for n in (SAVED_NAMES if save == 1 else SAVED_NAMES_STATES)]
     return res
 
 
-@hyper_lstm_triton_op.register_fake
-def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
-      ln_eps, save):
+def fake_sequence_outputs(x, H, Hh, E, save) -> List[Tensor]:
+    """The outputs of a Triton sequence op, as empty tensors (its fake implementation)."""
     T, B, _ = x.shape
     res = [x.new_empty(T, B, H), x.new_empty(B, H), x.new_empty(B, H), x.new_empty(B, Hh), x.new_empty(B, Hh)]
     if save:
@@ -85,6 +98,12 @@ def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh
         for n in (SAVED_NAMES if save == 1 else SAVED_NAMES_STATES):
             res.append(x.new_empty(shapes[n], dtype=torch.int32 if n == "lens" else _acc_dtype(x.dtype)))
     return res
+
+
+@hyper_lstm_triton_op.register_fake
+def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
+      ln_eps, save):
+    return fake_sequence_outputs(x, H, Hh, E, save)
 
 
 @torch.library.custom_op("hyperkern::hyper_lstm_triton_backward", mutates_args=())
