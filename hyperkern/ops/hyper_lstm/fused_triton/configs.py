@@ -81,6 +81,11 @@ class PersistentConfig:
     num_warps: int
     num_stages: int  # the products' K loop (tl.dot operand loads)
 
+    def phases(self) -> Tuple["GatesConfig", "CellKernelConfig"]:
+        """The two phases as the per-step kernels' configurations (what the performance model reads)."""
+        return (GatesConfig(self.BM, self.BH, self.BK, self.num_warps, self.num_stages),
+                CellKernelConfig(self.BMC, self.BN, self.BZ, self.BKZ, self.num_warps, self.PIPE))
+
 
 # (largest batch size the row applies to, config); the last row applies to every larger batch.
 GATES_TABLE: Tuple[Tuple[Optional[int], GatesConfig], ...] = (
@@ -110,14 +115,18 @@ CELL_BWD_TABLE: Tuple[Tuple[Optional[int], CellBwdConfig], ...] = (
     (32, CellBwdConfig(BMC=1, BN=128, BZ=16, num_warps=4)),
     (None, CellBwdConfig(BMC=2, BN=32, BZ=16, num_warps=4)),
 )
-# The persistent forward: the per-step tables' tiles and chunks (so it computes exactly what the
-# per-step kernels compute, the same helpers in the same order), one launch option set for both
-# phases. Its grid is at most one program per SM (hyperkern.ops.hyper_lstm.fused_triton.persistent).
+# The persistent forward: the per-step tables' product tiles and cell row blocks (so it computes
+# what the per-step kernels compute: the same helpers, blocks and order), one warp count for both
+# phases (8: 255 registers x 256 threads fit one program per SM, its grid). One difference: past
+# B = 32 the products take 32-row tiles, BK 16 (64 x 64 fp32 FMA tiles, at BK 32 or 16, spilled
+# 12-40 B on sm_80 / sm_90a with Triton 3.6 and 3.9 as a call here). Longer cell chunks would
+# shorten a step (fewer dependent passes: at 512, -0.5 us at H=768 in perf_model.predict_persistent)
+# but sit at the 255-register cap and spilled 4-52 B in some modes (Triton 3.9, sm_80): not taken.
 PERSISTENT_TABLE: Tuple[Tuple[Optional[int], PersistentConfig], ...] = (
     (16, PersistentConfig(BM=16, BH=16, BK=32, BMC=1, BN=256, BZ=64, BKZ=64, PIPE=2, num_warps=8, num_stages=3)),
     (32, PersistentConfig(BM=32, BH=16, BK=16, BMC=1, BN=256, BZ=64, BKZ=64, PIPE=2, num_warps=8, num_stages=3)),
-    (128, PersistentConfig(BM=64, BH=16, BK=32, BMC=2, BN=64, BZ=64, BKZ=16, PIPE=1, num_warps=8, num_stages=3)),
-    (None, PersistentConfig(BM=64, BH=16, BK=32, BMC=4, BN=32, BZ=32, BKZ=16, PIPE=2, num_warps=8, num_stages=3)),
+    (128, PersistentConfig(BM=32, BH=16, BK=16, BMC=2, BN=64, BZ=64, BKZ=16, PIPE=1, num_warps=8, num_stages=3)),
+    (None, PersistentConfig(BM=32, BH=16, BK=16, BMC=4, BN=32, BZ=32, BKZ=16, PIPE=2, num_warps=8, num_stages=3)),
 )
 
 # The backward cell kernel accumulates dz for all E embeddings of a path in registers: E padded to
