@@ -325,3 +325,115 @@ def test_bad_arguments():
         persistent.run_sequence(x.double(), tuple(s.double() for s in st), {n: v.double() for n, v in p.items()}, cfg)
     with pytest.raises(ValueError, match="lengths"):
         persistent.run_sequence(x, st, p, cfg, torch.tensor([3, 2, 1]))
+
+
+# --- the memory ordering, at the instruction level (no GPU needed) ------------------------------
+
+_SASS = r"""
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import compiler as nv
+from triton.compiler import ASTSource
+from hyperkern.compile_check import compile_config
+from hyperkern.ops.hyper_lstm.fused_triton import configs
+
+cfg = compile_config(configs.persistent_launch(16, "bf16", "bf16", True, 0))
+opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, launch_cooperative_grid=True)
+k = triton.compile(ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs),
+                   target=GPUTarget("cuda", int(sys.argv[1]), 32), options=opts)
+with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "k.cubin")
+    open(path, "wb").write(k.asm["cubin"])
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    print(subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout)
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_sync_instructions_order_memory(arch, tmp_path):
+    """What the grid sync compiles to (ptxas of the installed Triton, no GPU): the arrival is a
+    GPU-scope fence then a strong reduction (``MEMBAR.ALL.GPU`` ... ``RED.E.ADD.64.STRONG.GPU``: every
+    store of the program reaches L2 before its arrival counts); the polls are strong loads (never
+    an L1 hit); the acquire invalidates the SM's L1 (``CCTL.IVALL``), so no load after the sync can
+    read a line cached before it; the error flag is a GPU-scope atomic exchange."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _SASS, str(arch)], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if res.returncode != 0 and "cuobjdump" in res.stderr and "No such file" in res.stderr:
+        pytest.skip("this Triton wheel bundles no cuobjdump")
+    assert res.returncode == 0, res.stderr[-3000:]
+    sass = [line.split(";")[0].split("*/")[-1].strip() for line in res.stdout.splitlines() if "/*0" in line]
+    red = [i for i, s in enumerate(sass) if s.startswith("RED") and ".STRONG.GPU" in s and ".ADD.64" in s]
+    assert len(red) == 2, red  # the two arrivals of a step (sync 1 and sync 2)
+    for i in red:
+        assert any(s.startswith("MEMBAR") and ".GPU" in s for s in sass[max(0, i - 6):i]), sass[i - 6:i + 1]
+    polls = [s for s in sass if s.startswith("LDG") and ".64" in s and ".STRONG." in s]
+    assert len(polls) >= 2 and all(".STRONG.SYS" in s or ".STRONG.GPU" in s for s in polls)
+    assert sum(s.startswith("CCTL.IVALL") for s in sass) == 2
+    assert any(s.startswith("ATOMG") and "EXCH" in s and ".STRONG.GPU" in s for s in sass)
+
+
+# --- the performance model's rows, the syncs the kernel really makes ----------------------------
+
+def test_the_kernel_makes_the_syncs_the_model_charges(monkeypatch):
+    """After a launch the arrival counter holds grid x (2T - 1): two grid syncs per step, none
+    after the last — what docs/persistent.md counts and perf_model.predict_persistent charges."""
+    from hyperkern import perf_model as pm
+
+    seen = {}
+    real = persistent._launch
+    monkeypatch.setattr(persistent, "_launch", lambda k, l, g, a: (seen.update(a, grid=g), real(k, l, g, a))[1])
+    x, st, p, cfg = _small(T=4, B=2)
+    with torch.no_grad():
+        persistent.run_sequence(x, st, p, cfg)
+    G = seen["grid"][0]
+    assert int(seen["sync_ptr"].item()) == G * (2 * 4 - 1) and int(seen["err_ptr"].item()) == 0
+    s = pm.Shape("t", X=7, H=33, Hh=10, E=3, B=2, T=4)
+    r = pm.predict_persistent(s, "fp32")
+    assert r["syncs_per_step"] == 2 and r["syncs_us"] == pytest.approx((2 * 4 - 1) / 4 * pm.grid_sync_cost() * 1e6)
+
+
+def test_perf_model_persistent_rows():
+    """A row per model shape (and the two target shapes without layer norm): the phases, the syncs
+    and their assumed cost, the targets (met or missed, never hidden), and the persistent backward's
+    modelled design."""
+    from hyperkern import perf_model as pm
+
+    rs = pm.rows_persistent()
+    assert {r["shape"] for r in rs} >= {s.name for s in pm.SHAPES}
+    assert pm.grid_sync_cost() == pytest.approx(2.5 * pm.PEAKS["latency_l2"])
+    for r in rs:
+        assert r["total_us"] == pytest.approx(r["products_us"] + r["cell_us"] + r["syncs_us"] + r["per_call_us"])
+        assert 0 < r["grid"] <= pm.PEAKS["sms"] and r["hbm_bytes_step"] < r["l2_bytes_step"]
+        assert r["products_bound"] and r["cell_bound"]
+    targets = {(r["shape"], r["dtype"]): r for r in rs if r["target_us"] is not None}
+    assert {("H768 B16 (cuDNN cmp)", "bf16"), ("PTB (paper)", "fp32")} <= set(targets)
+    assert all(r["meets_target"] == (r["total_us"] <= r["target_us"]) for r in targets.values())
+    text = pm.format_table_persistent(rs)
+    assert "modelled, not measured" in text and "0.75 µs" in text and "missed" in text
+    for s in pm.SHAPES:
+        b = pm.predict_persistent_bwd(s, "fp32")
+        assert 0 < b["loop_us"] < b["total_us"] and b["per_step_total_us"] > 0
+
+
+def test_compile_check_persistent_subset(tmp_path):
+    """The heaviest persistent configurations (the longest cell chunks with seeded dropout and layer
+    norm in fp32 on the CUDA cores; the widest product tile in FMA fp32; bf16) for sm_80 and sm_90:
+    0 spills, one program per SM fits (registers x threads <= 64K), shared memory under the limit.
+    ``python -m hyperkern compile-check --filter persistent`` covers every launch."""
+    from conftest import run_compile_check
+    from hyperkern.ops.hyper_lstm.fused_triton import configs
+
+    picks = [configs.persistent_launch(B, dt, dot, True, drop) for B, dt, dot, drop in
+             ((16, "fp32", "ieee", 2), (configs.batch_edges()[-1], "fp32", "ieee", 2), (32, "bf16", "bf16", 1))]
+    subset = [f"{l.kernel} [{l.label}]" for l in picks]
+    rows, _ = run_compile_check(subset, tmp_path)
+    assert len(rows) == 2 * len(subset)
+    for r in rows:
+        assert r["error"] is None and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["registers"] * 32 * r["num_warps"] <= 65536, r
+        assert r["shared"] <= {80: 166_912, 90: 232_448}[r["arch"]]
