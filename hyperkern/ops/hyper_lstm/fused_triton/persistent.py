@@ -39,11 +39,19 @@ MAX_SPIN = 1 << 20
 _SYNC_INT64S, _ERR_INT32 = 32, 32
 
 _warned = False
+_fallbacks = 0
+
+
+def fallbacks() -> int:
+    """How many calls of this process fell back to the per-step kernels (gpu-check counts them:
+    on a GPU a fall-back is a failure of the persistent kernel, however correct the result)."""
+    return _fallbacks
 
 
 def _warn_fallback(why: str) -> None:
     """One warning per process: the persistent kernel fell back to the per-step kernels."""
-    global _warned
+    global _warned, _fallbacks
+    _fallbacks += 1
     if not _warned:
         _warned = True
         warnings.warn(f"hyperkern: the persistent HyperLSTM forward {why}; this call (and any later one that "
