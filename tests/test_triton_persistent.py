@@ -33,7 +33,7 @@ from hyperkern.ops.hyper_lstm import fused_triton  # noqa: E402  (after the skip
 from hyperkern.ops.hyper_lstm.fused_triton import persistent  # noqa: E402
 
 ODD = dict(input_size=7, hidden_size=33, hyper_size=10, embed_size=3)
-WIDE = dict(input_size=9, hidden_size=70, hyper_size=65, embed_size=5)  # B=33: BMC=2, BN=64, BM=64
+WIDE = dict(input_size=9, hidden_size=70, hyper_size=65, embed_size=5)  # B=33: BMC=2, BN=64, BM=32
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def test_forward_matches_reference_inside_nan_guards(layer_norm, dtype, masks_ki
 
 def test_forward_other_table_row_several_row_blocks_and_chunks():
     """B=33 takes another launch-table row: 17 row blocks of 2 rows for the cell (one program walks
-    them all), rows of H=70 and Hh=65 in two chunks, a partial 64-row product tile."""
+    them all), rows of H=70 and Hh=65 in two chunks, two 32-row product tiles (one partial)."""
     cfg = CellConfig(**WIDE)
     T, B = 2, 33
     p = cell_params(cfg, 3)
@@ -98,7 +98,7 @@ def test_forward_other_table_row_several_row_blocks_and_chunks():
                          descending=True).values
     want_out, want_state = naive.hyper_lstm_sequence(x, st, p, cfg, lengths)
     out, fin, buf = persistent.run_sequence(*_dev(torch.float32, x, st, p)[:3], cfg, lengths, guard=3)
-    assert buf.persistent["work"] == {"tiles": 5 + 5, "row_blocks": 17} and buf.check_guards() == []
+    assert buf.persistent["work"] == {"tiles": (5 + 5) * 2, "row_blocks": 17} and buf.check_guards() == []
     _check(out, fin, want_out, want_state, torch.float32)
 
 
