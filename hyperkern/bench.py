@@ -184,6 +184,9 @@ def main(out: str = "bench-results", quick: bool = False, cases=None, gpu_check:
     result["gpu_model"] = perf_model.rows()
     print(perf_model.format_table(result["gpu_model"]))
     print()
+    result["gpu_model_persistent"] = perf_model.rows_persistent()
+    print(perf_model.format_table_persistent(result["gpu_model_persistent"]))
+    print()
     result["gpu_model_backward"] = perf_model.rows_bwd()
     print(perf_model.format_table_bwd(result["gpu_model_backward"]))
     if gpu_check:

@@ -55,6 +55,7 @@ class CompileConfig:
     num_warps: int = 4
     num_stages: int = 2
     maxnreg: Optional[int] = None  # Triton's ``maxnreg`` option (PTX ``.maxnreg``), as the launcher passes it
+    cooperative: bool = False  # ``launch_cooperative_grid``, as the launcher passes it (a launch option)
 
     @property
     def kernel(self) -> str:
@@ -129,7 +130,8 @@ def compile_config(launch, unit_ints: Sequence[str] = ()) -> CompileConfig:
     cx = {**dict(launch.constexprs), **{n: None for n in launch.absent}, **{n: 1 for n in unit_ints}}
     sig = signature(fn, launch.dtype, cx, **importlib.import_module(launch.module).ARG_TYPES)
     return CompileConfig(name=launch.label + (" ints=1" if unit_ints else ""), fn=fn, signature=sig, constexprs=cx,
-                         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg)
+                         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.maxnreg,
+                         cooperative=launch.cooperative)
 
 
 def _all_configs(modules: Sequence[str]) -> List[CompileConfig]:
@@ -179,6 +181,8 @@ def _compile_one(cfg: CompileConfig, arch: int) -> Dict[str, Any]:
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         if cfg.maxnreg is not None:
             options["maxnreg"] = cfg.maxnreg
+        if cfg.cooperative:
+            options["launch_cooperative_grid"] = True
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as tmp:

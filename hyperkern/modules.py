@@ -47,7 +47,7 @@ def _cell_setting(name: str, allow_none: bool, doc: str, default: Optional[bool]
     return property(get, set, doc=doc)
 
 
-_SEEDED_DOC = ("How training-mode recurrent dropout is drawn. None (default): from a seed on the Triton backend "
+_SEEDED_DOC = ("How training-mode recurrent dropout is drawn. None (default): from a seed on the Triton backends "
                "(the kernels draw each step's masks, none is kept), as Bernoulli mask tensors on the others (faster "
                "on CPU). True: from a seed on every backend (the same torch.manual_seed gives every backend "
                "identical masks). False: always mask tensors.")
@@ -149,7 +149,7 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
         p = self.recurrent_dropout
         if not (self.training and p > 0):
             return None
-        seeded = backend == "triton" if self.seeded_dropout is None else self.seeded_dropout
+        seeded = backend in op.TRITON_BACKENDS if self.seeded_dropout is None else self.seeded_dropout
         if seeded:
             return DropoutSeed.draw(p, like.device)
         keep = 1.0 - p

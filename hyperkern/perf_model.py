@@ -56,6 +56,8 @@ PEAKS = {
     "l2_bw": 5.5e12,  # L2 read bandwidth
     "sm_l2_bw": 110e9,  # L2 bandwidth one SM sustains alone (~64 B/clk)
     "sm_int_ops": 64 * 1.755e9,  # 32-bit integer lane-ops per second on one SM (64 INT32 lanes/clk)
+    # one grid-wide sync of the persistent kernel, in dependent L2 round trips (see grid_sync_cost)
+    "grid_sync_round_trips": 2.5,
 }
 # integer instructions per seeded-dropout mask element: 10 Philox rounds of 2 IMAD.HI + 2 IMAD +
 # 2 LOP3 (+ uniform key adds), then int->float, scale, compare, select and the store's address
@@ -122,15 +124,16 @@ def min_bytes_per_step(s: Shape, dtype: str) -> int:
             + B * H * wb)  # output
 
 
-def kernel_model(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
+def kernel_model(s: Shape, dtype: str, configs=None) -> Dict[str, Dict[str, float]]:
     """Per kernel: programs, FLOPs, serial round trips, and bytes — ``l2`` = every load and store
     issued, ``hbm`` = what reaches DRAM (each buffer's first touch in the step; re-reads of data
-    touched earlier in the step are L2 hits; scratch is written back once)."""
+    touched earlier in the step are L2 hits; scratch is written back once). ``configs``: the
+    (gates, cell) block configurations, default the per-step dispatcher's."""
     from hyperkern.ops.hyper_lstm.fused_triton import choose_configs
 
     wb, f4 = DTYPE_BYTES[dtype], 4
     B, H, Hh, E, ln = s.B, s.H, s.Hh, s.E, s.layer_norm
-    g, c = choose_configs(B)
+    g, c = configs if configs is not None else choose_configs(B)
 
     # launch 1: gates kernel -------------------------------------------------------------------
     n_bt, n_main, n_hyp = cdiv(B, g.BM), cdiv(H, g.BH), cdiv(Hh, g.BH)
@@ -277,6 +280,150 @@ def measure(s: Shape, dtype: str, repeats: int = 5) -> float:
         end.record()
         torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (repeats * s.T)
+
+
+# --------------------------------------------------------------------------------------------
+# the persistent forward (kernels/hyper_lstm_persistent.py): one launch per sequence
+# --------------------------------------------------------------------------------------------
+
+# issue 13's modelled targets on an H100, µs per forward step: (shape name, dtype) -> target
+PERSISTENT_TARGETS = {("H768 B16 (cuDNN cmp)", "bf16"): 4.0, ("PTB (paper)", "fp32"): 6.0}
+# the share of L2 the recurrent weights may take and still be modelled as staying there across steps
+# (the rest holds the streamed x-projections, outputs and per-step buffers): an assumption
+L2_RESIDENT_SHARE = 0.5
+
+
+def grid_sync_cost() -> float:
+    """Seconds one grid sync of the persistent kernel adds to a step: :data:`PEAKS`'
+    ``grid_sync_round_trips`` (2.5) dependent L2 round trips — the last program's release fence
+    waits for its stores to be acknowledged (one round trip), its arrival travels to L2 (half),
+    and a poll that reaches L2 after it returns on average one round trip later. An assumption
+    built from the model's L2 latency, not a measurement: 0.75 µs. Consistent with the one published
+    anchor, FlashRNN's fused LSTM (two cooperative-groups grid syncs per step, 4.76 µs per step on an
+    H100 at H=768, B=16, bf16 — at most 2.4 µs per sync even if the step were all sync)."""
+    return PEAKS["grid_sync_round_trips"] * PEAKS["latency_l2"]
+
+
+def _bound(k: Dict[str, float], dtype: str) -> str:
+    """What bounds one phase in :func:`_kernel_time`: its largest term."""
+    p = PEAKS
+    active = min(k["programs"], p["sms"])
+    terms = {"HBM bandwidth": k["hbm"] / min(p["hbm_bw"], active * p["sm_bw"]),
+             "L2 bandwidth": k["l2"] / min(p["l2_bw"], active * p["sm_l2_bw"]),
+             "FLOPs": k["flops"] / p["flops"][MODEL_DOT[dtype]],
+             "dependent round trips": k["chain_hbm"] * p["latency"] + k["chain_l2"] * p["latency_l2"]}
+    return max(terms, key=terms.get)
+
+
+def persistent_model(s: Shape, dtype: str) -> Dict[str, Dict[str, float]]:
+    """The persistent kernel's two phases per step (same fields as :func:`kernel_model`), from
+    its launch table (``configs.PERSISTENT_TABLE``): ``products`` = the gates kernel's tiles on
+    ``min(tiles, grid)`` programs, ``cell`` = the cell kernel's row blocks, ``grid`` = programs.
+
+    What differs from the per-step kernels' model is where the bytes come from: the recurrent
+    weights, parameter vectors, state and per-step scratch are re-read every step by the same
+    programs, so they stay in L2 (their reuse distance is one step) while they take at most
+    :data:`L2_RESIDENT_SHARE` of it; HBM then sees only each step's x-projections (first touch)
+    and its output. Inference (training also writes the kept per-step tensors)."""
+    from hyperkern.ops.hyper_lstm.fused_triton import configs
+
+    pc = configs.choose_persistent_config(s.B)
+    km = kernel_model(s, dtype, pc.phases())
+    f4, wb = 4, DTYPE_BYTES[dtype]
+    n_tiles, n_rows = km["gates"]["programs"], km["cell"]["programs"]
+    grid = min(max(n_tiles, n_rows), PEAKS["sms"])
+    products, cell = dict(km["gates"], programs=min(n_tiles, grid)), dict(km["cell"])
+    if recurrent_param_elems(s) * wb <= L2_RESIDENT_SHARE * PEAKS["l2_bytes"]:
+        products["hbm"] = s.B * 4 * s.Hh * f4  # the hyper x-projection of the step
+        cell["hbm"] = s.B * 4 * s.H * f4 + s.B * s.H * wb  # the main x-projection, the output
+    return {"products": products, "cell": cell, "grid": grid, "config": asdict(pc)}
+
+
+def predict_persistent(s: Shape, dtype: str) -> Dict[str, object]:
+    """Modelled µs per step of the persistent forward on an H100 (inference): the products phase +
+    the cell phase (each :func:`_kernel_time` without a launch) + two grid syncs per step
+    (:func:`grid_sync_cost`; 2T − 1 per launch) + what each call pays once, amortised over T (the
+    hoisted GEMM as in :func:`predict`, one host launch, one host read of the error flag)."""
+    p = PEAKS
+    m = persistent_model(s, dtype)
+    products = _kernel_time(m["products"], dtype, 0.0)
+    cell = _kernel_time(m["cell"], dtype, 0.0)
+    syncs = (2 * s.T - 1) / s.T * grid_sync_cost()
+    per_call = predict(s, dtype)["hoist_us"] * 1e-6 + 2 * p["launch_host"] / s.T
+    total = products + cell + syncs + per_call
+    terms = {"products": products, "cell": cell, "syncs": syncs, "per call": per_call}
+    target = PERSISTENT_TARGETS.get((s.name, dtype))
+    return {"grid": m["grid"], "syncs_per_step": 2, "sync_us": grid_sync_cost() * 1e6,
+            "products_us": products * 1e6, "products_bound": _bound(m["products"], dtype),
+            "cell_us": cell * 1e6, "cell_bound": _bound(m["cell"], dtype), "syncs_us": syncs * 1e6,
+            "per_call_us": per_call * 1e6, "total_us": total * 1e6, "largest": max(terms, key=terms.get),
+            "l2_bytes_step": m["products"]["l2"] + m["cell"]["l2"], "hbm_bytes_step": m["products"]["hbm"] + m["cell"]["hbm"],
+            "per_step_graph_us": predict(s, dtype)["graph"] * 1e6, "target_us": target,
+            "meets_target": None if target is None else total * 1e6 <= target, "config": m["config"]}
+
+
+def predict_persistent_bwd(s: Shape, dtype: str) -> Dict[str, float]:
+    """A persistent BACKWARD, modelled only (not built; design in docs/persistent.md): today's two
+    backward kernels as the two phases of one launch — the cell-backward's row blocks, a grid sync,
+    the gates-backward's tiles (``dh_{t-1} = (d_h ⊙ dG) @ W_hh``, ``dĥ_{t-1}``), a grid sync — with
+    the weights and per-step buffers in L2 as in :func:`persistent_model`, and the post-loop
+    weight-gradient GEMMs as today. µs per step, beside today's backward (CUDA graph)."""
+    p = PEAKS
+    km = kernel_model_bwd(s, dtype)
+    cell, gates = km["cell_bwd"], dict(km["gates_bwd"])
+    gates["programs"] = min(gates["programs"], p["sms"])
+    if recurrent_param_elems(s) * DTYPE_BYTES[dtype] <= L2_RESIDENT_SHARE * p["l2_bytes"]:
+        gates["hbm"] = 0.0  # the weights and the carried gradients stay in L2 (the cell-backward's
+        # first touches — each step's saved tensors read, its gradient buffers written — remain)
+    pb = predict_bwd(s, dtype)
+    loop = _kernel_time(cell, dtype, 0.0) + _kernel_time(gates, dtype, 0.0) + (2 * s.T - 1) / s.T * grid_sync_cost()
+    return {"loop_us": loop * 1e6, "post_us": pb["post_us"], "total_us": loop * 1e6 + pb["post_us"],
+            "per_step_total_us": pb["total_us"]}
+
+
+def persistent_shapes() -> List[Shape]:
+    """The model's shapes, plus the two target shapes without layer norm (FlashRNN's published
+    kernel is a plain LSTM)."""
+    from dataclasses import replace
+
+    extra = [replace(s, name=s.name + " noLN", layer_norm=False) for s in SHAPES
+             if any(name == s.name for name, _ in PERSISTENT_TARGETS)]
+    return list(SHAPES) + extra
+
+
+def rows_persistent(shapes: Optional[Sequence[Shape]] = None, dtypes: Sequence[str] = ("fp32", "bf16")) -> List[Dict]:
+    out = []
+    for s in (persistent_shapes() if shapes is None else shapes):
+        for dt in dtypes:
+            pr = predict_persistent(s, dt)
+            target = PERSISTENT_TARGETS.get((s.name.replace(" noLN", ""), dt))
+            pr.update(target_us=target, meets_target=None if target is None else pr["total_us"] <= target)
+            out.append({"shape": s.name, "dtype": dt, **asdict(s), **pr})
+    return out
+
+
+def format_table_persistent(rs: Sequence[Dict]) -> str:
+    head = ["shape", "dtype", "B", "grid", "syncs/step", "products µs", "bound", "cell µs", "bound", "syncs µs",
+            "per call µs", "pred µs/step", "per-step kernels µs (graph)", "target µs"]
+    lines = [[r["shape"], r["dtype"] + (" (tf32)" if r["dtype"] == "fp32" else ""), str(r["B"]), str(r["grid"]),
+              str(r["syncs_per_step"]), f"{r['products_us']:.2f}", r["products_bound"], f"{r['cell_us']:.2f}",
+              r["cell_bound"], f"{r['syncs_us']:.2f}", f"{r['per_call_us']:.2f}", f"{r['total_us']:.1f}",
+              f"{r['per_step_graph_us']:.1f}",
+              "-" if r["target_us"] is None else f"{r['target_us']:.0f} ({'met' if r['meets_target'] else 'missed'})"]
+             for r in rs]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda vals: "  ".join(x.rjust(w) for x, w in zip(vals, widths))  # noqa: E731
+    return "\n".join(
+        ["HyperLSTM Triton persistent forward (backend triton_persistent), per timestep of one cell (modelled, not "
+         "measured; same assumed H100 peaks; inference)",
+         f"assumed: one grid sync = {PEAKS['grid_sync_round_trips']} dependent L2 round trips = "
+         f"{grid_sync_cost() * 1e6:.2f} µs (release fence, arrival, detecting poll; FlashRNN's 4.76 µs/step with two "
+         "grid syncs bounds it above by 2.4 µs); recurrent weights, state and scratch stay in L2 across steps when the "
+         f"weights take at most {L2_RESIDENT_SHARE:.0%} of it", fmt(head), fmt(["-" * w for w in widths])]
+        + [fmt(l) for l in lines]
+        + ["products = the per-step gates kernel's tiles, cell = its cell kernel's row blocks (the same helpers and "
+           "block sizes), per call = the hoisted GEMM, one launch and one read of the error flag, amortised over T; "
+           "bound = the phase's largest term (its dependent round trips, L2 or HBM bandwidth, FLOPs)."])
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,6 +652,8 @@ def static_generation(layer_shapes: Sequence[Tuple[int, int]], z_dim: int = 64, 
 
 def main() -> int:
     print(format_table(rows()))
+    print()
+    print(format_table_persistent(rows_persistent()))
     print()
     print(format_table_bwd(rows_bwd()))
     return 0

@@ -121,7 +121,7 @@ def _device_for(backend: str) -> torch.device:
 
 
 def _interpreted(backend: str, device: torch.device) -> bool:
-    return backend == "triton" and device.type == "cpu"
+    return backend in op.TRITON_BACKENDS and device.type == "cpu"
 
 
 def tolerance(backend: str, dtype, device: torch.device) -> precision.Tolerance:
@@ -147,7 +147,7 @@ def _build(cfg: Config, backend: str, dtype, device, seed: int, ref_device):
     train = cfg.recurrent_dropout > 0 or cfg.dropout > 0
     ref.train(train)
     model.train(train)
-    ref.seeded_dropout = model.seeded_dropout = backend == "triton"  # draw dropout as the backend under test does
+    ref.seeded_dropout = model.seeded_dropout = backend in op.TRITON_BACKENDS  # draw dropout as the backend does
 
     def rnd(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=gen, dtype=F64)).to(dtype).to(F64)

@@ -21,9 +21,10 @@ def test_quick_bench_writes_its_tables(tmp_path, capsys):
     assert models == {(m, x) for m in ("forward", "forward+backward") for x in ("nn.LSTM", "HyperLSTM[torch]")}
     assert all(r["case"] == "small" and r["shape"]["T"] == 10 for r in result["measured"])
     assert len(result["gpu_model"]) == 2 * len(perf_model.SHAPES) and result["gpu_model_backward"]
+    assert {r["shape"] for r in result["gpu_model_persistent"]} >= {s.name for s in perf_model.SHAPES}
     assert {r["backend"] for r in result["static"]} >= {"reference", "torch", "model: H100 (triton)"}
     out = capsys.readouterr().out
-    assert "1 threads" in out and "wrote" in out
+    assert "1 threads" in out and "wrote" in out and "persistent forward" in out
 
 
 def test_cases_are_the_performance_models_shapes_with_targets():

@@ -114,6 +114,20 @@ def test_inference_and_training_are_separate_graphs(rerun_graphs):
     assert rerun_graphs.info().counts["eager_first"] == 2
 
 
+def test_the_persistent_forward_is_never_captured_its_backward_is(rerun_graphs):
+    """backend="triton_persistent": its forward is one launch whose error flag the host reads,
+    so it never runs in a graph; its backward is the per-step BPTT and replays like triton's."""
+    layer = _layer(recurrent_dropout=0.3)
+    layer.backend = "triton_persistent"
+    eager = copy.deepcopy(layer)
+    eager.backend, eager.cuda_graphs = "triton", False
+    for x, lengths, seed in _calls(3):
+        got, want = _step(layer, x, lengths, seed), _step(eager, x, lengths, seed)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # skipped: the persistent forward's 3 calls and the eager layer's 3 forwards and 3 backwards
+    assert rerun_graphs.info().counts == {"skipped_disabled": 9, "eager_first": 1, "captured": 1, "replayed": 2}
+
+
 def _key(T=4, B=3, dtype=torch.float32, p_drop=0.0, save=0, seed=False, dot="ieee", params=None):
     x = torch.zeros(T, B, 3, dtype=dtype)
     seed_t = torch.zeros(1, dtype=torch.int64) if seed else None

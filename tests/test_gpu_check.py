@@ -61,6 +61,9 @@ def test_dry_run_covers_every_kind_of_case(dry_run):
     assert len({r["name"] for r in lstm}) >= 30
     assert {(r["dtype"], r["dot"]) for r in rows} == set(gpu_check.dot_modes(True))
     assert all(r["ok"] for r in rows)
+    persistent = [r for r in rows if r.get("backend") == "triton_persistent"]  # issue 13
+    assert {r["kind"] for r in persistent} == {"lstm", "lstm_guarded"} and len(persistent) >= 4
+    assert any("persistent" in r["name"] for r in result["sections"]["determinism"]["rows"])
     assert {r["name"] for r in result["sections"]["compile"]["rows"]} == {
         "HyperLSTM under torch.compile(inductor, fullgraph=True), forward and backward",
         "static generation under torch.compile(inductor, fullgraph=True), forward and backward"}
@@ -132,18 +135,30 @@ def test_needs_cuda_or_dry_run(tmp_path):
     assert res.returncode == 2 and "--dry-run" in res.stderr
 
 
+def test_persistent_cases_on_a_gpu():
+    """On a GPU the persistent backend is checked at every other fuzz shape in fp32 (TF32) and bf16,
+    and in two guarded runs; gpu-check's budgets still add up to its total."""
+    specs = gpu_check.case_specs(False)
+    p = [s_ for s_ in specs if s_.get("backend") == "triton_persistent"]
+    assert len([s_ for s_ in p if s_["kind"] == "lstm"]) == gpu_check.N_LSTM_SHAPES
+    assert {s_["dtype"] for s_ in p} == {"fp32", "bf16"} and sum(s_["kind"] == "lstm_guarded" for s_ in p) == 2
+    assert sum(gpu_check.BUDGET_S.values()) <= gpu_check.TOTAL_BUDGET_S - 15
+
+
 def test_summary_prints_the_timing_table():
     row = dict(shape="PTB (paper)", dtype="fp32", fwd_eager_us=30.0, fwd_graph_us=15.0, pred_fwd_graph_us=14.0,
                fwd_graph_over_pred=15 / 14, fwdbwd_eager_us=90.0, fwdbwd_graph_us=60.0, pred_fwdbwd_graph_us=58.0,
                fwdbwd_graph_over_pred=60 / 58, lstm_fwd_us=3.0, lstm_fwdbwd_us=9.0, ok=True,
                fwd_eager_host_us=29.0, fwd_graph_host_us=0.4, fwdbwd_eager_host_us=88.0, fwdbwd_graph_host_us=0.9,
-               fwd_eager_jit_host_us=41.5)
+               fwd_eager_jit_host_us=41.5, persist_fwd_host_us=0.6, persist_fwd_us=12.5, persist_fwdbwd_us=70.0,
+               pred_persist_us=11.6, persist_over_pred=12.5 / 11.6, persist_fell_back=False)
     result = {"environment": {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6.0"}, "dry_run": False,
               "seconds": 300, "failed": 0,
               "sections": {"timing": {"rows": [row], "not_run": [], "budget_s": 70, "seconds": 20, "skipped": None}}}
     text = gpu_check.format_summary(result)
     assert "NVIDIA H200" in text and "PASS" in text and "PTB (paper)" in text and " 1.07 " in text
     assert " 29/30 " in text and " 0/15 " in text and " 88/90 " in text and " 41.5 " in text  # host / device
+    assert "persistent forward" in text and " 1/12 " in text and " 11.6 " in text
 
 
 def test_seed_tape_replays_the_models_draws_on_another_device():

@@ -89,8 +89,23 @@ def test_reference_and_torch_run_everything_and_unknown_names_are_errors():
                 assert op_.backend_status(name, CPU, dt, True)[0]
         with pytest.raises(ValueError, match="backend must be one of"):
             op_.resolve_backend("cuda-magic", CPU)
-        assert op_.REGISTRY.names == ("reference", "torch", "triton")
+        assert op_.REGISTRY.names[:3] == ("reference", "torch", "triton")
         assert op_.REGISTRY.auto_order == ("triton", "torch")
+    assert lstm_op.REGISTRY.names == ("reference", "torch", "triton", "triton_persistent")
+    assert static_op.REGISTRY.names == ("reference", "torch", "triton")
+
+
+def test_persistent_backend_is_explicit_only(gpu_machine):
+    """``triton_persistent`` runs what ``triton`` runs (devices, dtypes, embed sizes) but ``auto``
+    never picks it: no GPU run has measured it yet."""
+    for dt in (F32, F16, BF16):
+        for training in (True, False):
+            assert lstm_op.resolve_backend("triton_persistent", CUDA, dt, training, embed_size=4) == "triton_persistent"
+            assert lstm_op.resolve_backend("auto", CUDA, dt, training, embed_size=4) == "triton"
+    with pytest.raises(ValueError, match="embed_size up to 64"):
+        lstm_op.resolve_backend("triton_persistent", CUDA, F32, True, embed_size=65)
+    with pytest.raises(ValueError, match="float64"):
+        lstm_op.resolve_backend("triton_persistent", CUDA, F64, True, embed_size=4)
 
 
 def test_get_backend_is_a_lookup_of_the_registered_function():
@@ -99,6 +114,7 @@ def test_get_backend_is_a_lookup_of_the_registered_function():
     assert lstm_op.get_backend("reference") is naive.hyper_lstm_sequence
     assert lstm_op.get_backend("torch") is fused_torch.hyper_lstm_sequence
     assert lstm_op.get_backend("triton") is fused_triton.hyper_lstm_sequence
+    assert lstm_op.get_backend("triton_persistent") is fused_triton.persistent.hyper_lstm_sequence
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         lstm_op.get_backend("auto")
 
@@ -107,7 +123,7 @@ def test_module_backend_attribute_is_validated_by_the_registry():
     from hyperkern import HyperLSTM
 
     rnn = HyperLSTM(3, 5, hyper_size=4, embed_size=2)
-    for name in ("auto", "reference", "torch", "triton"):
+    for name in ("auto", "reference", "torch", "triton", "triton_persistent"):
         rnn.backend = name
     with pytest.raises(ValueError, match="backend must be one of"):
         rnn.backend = "cudnn"

@@ -65,11 +65,14 @@ def test_hyper_lstm_launchable_equals_compiled(compiled):
                 for drop in lstm_configs.DROPOUT_MODES:
                     for B in batches:
                         swept.update(_launch_key(l) for l in lstm_configs.forward_launches(B, dtype, dot, ln, drop))
+                        swept.add(_launch_key(lstm_configs.persistent_launch(B, dtype, dot, ln, drop)))
                         for E in range(1, lstm_configs.MAX_EMBED + 1):
                             swept.update(_launch_key(l) for l in
                                          lstm_configs.backward_launches(B, E, dtype, dot, ln, drop))
     mine = {k for k in compiled if k[0].startswith("hyper_lstm")}
     assert swept == mine, (sorted(swept - mine)[:3], sorted(mine - swept)[:3])
+    assert {k[0] for k in swept} == {"hyper_lstm_gates_kernel", "hyper_lstm_cell_kernel", "hyper_lstm_cell_bwd_kernel",
+                                     "hyper_lstm_gates_bwd_kernel", "hyper_lstm_persistent_kernel"}
     stages = {k[4] for k in swept}
     assert stages == {1, 2, 3}  # every num_stages the tables use is compiled with it
     assert {dict(k[2])["BE"] for k in swept if "BE" in dict(k[2])} == {repr(b) for b in lstm_configs.BE_BUCKETS}
@@ -141,6 +144,36 @@ def test_real_launches_are_compiled_configurations(compiled, monkeypatch, layer_
     z, w_in, w_out = (torch.randn(*s, generator=g).to(dev).requires_grad_() for s in ((2, 3), (2, 5, 3), (4 * 4, 5)))
     static_kernel_gen(z, w_in, None, w_out, None, kernel_size=2, backend="triton").sum().backward()
     assert len(keys) == 2 * 2 + 2 * 2 + 3
+    missing = [k for k in keys if k not in compiled]
+    assert not missing, missing
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("layer_norm, dropout, B", [(True, "seeded", 2), (False, None, 40)])
+def test_persistent_launches_are_compiled_configurations(compiled, monkeypatch, layer_norm, dropout, B):
+    """A training step through the persistent backend: its one forward launch (cooperative, keyword
+    arguments only) and the backward's launches are all compiled configurations."""
+    from hyperkern.kernels import hyper_lstm_bwd as kb
+    from hyperkern.kernels import hyper_lstm_persistent as kp
+    from hyperkern.ops.hyper_lstm.fused_triton import persistent
+
+    keys = _captured_keys(monkeypatch, (kp.hyper_lstm_persistent_kernel, kb.hyper_lstm_cell_bwd_kernel,
+                                        kb.hyper_lstm_gates_bwd_kernel))
+    coop = []
+    real = kp.hyper_lstm_persistent_kernel.run
+    monkeypatch.setattr(kp.hyper_lstm_persistent_kernel, "run",
+                        lambda *a, **kw: coop.append(kw["launch_cooperative_grid"]) or real(*a, **kw))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = CellConfig(input_size=3, hidden_size=9, hyper_size=5, embed_size=3, layer_norm=layer_norm)
+    x, st, masks = sequence_inputs(cfg, 2, B, 5, dropout=0.3 if dropout else 0.0, seeded=True)
+    masks = masks_to(masks, dev, torch.float32)
+    p = {n: v.to(dev, torch.float32).requires_grad_() for n, v in cell_params(cfg, 6).items()}
+    out, fin = persistent.hyper_lstm_sequence(x.to(dev, torch.float32), tuple(s.to(dev, torch.float32) for s in st),
+                                              p, cfg, None, masks)
+    torch.autograd.grad(out.sum() + fin[1].sum(), list(p.values()))
+    assert coop == [True] and len(keys) == 1 + 2 * 2
+    assert [k[0] for k in keys][0] == "hyper_lstm_persistent_kernel"
     missing = [k for k in keys if k not in compiled]
     assert not missing, missing
 

@@ -27,6 +27,7 @@ class Launch:
     num_stages: int
     maxnreg: Optional[int] = None
     absent: Tuple[str, ...] = ()  # optional inputs this launch does not use: passed as None
+    cooperative: bool = False  # Triton's ``launch_cooperative_grid``: a grid that cannot be resident at once errors
 
     def kernel_fn(self):
         """The kernel object (imports its module, hence Triton)."""
@@ -44,6 +45,8 @@ class Launch:
         kw.update(num_warps=self.num_warps, num_stages=self.num_stages)
         if self.maxnreg is not None:
             kw["maxnreg"] = self.maxnreg
+        if self.cooperative:
+            kw["launch_cooperative_grid"] = True
         return kw
 
     @property

@@ -4,7 +4,10 @@
 - ``fused_torch``  — the fast PyTorch backend (hoisted input GEMM, hand-written backward),
                      backend name ``"torch"``; the CPU path.
 - ``fused_triton`` — fused Triton kernels (``"triton"``): forward and BPTT backward; CUDA
-                     tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+                     tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests). And
+                     ``"triton_persistent"``: the forward in one launch per sequence (grid syncs,
+                     bounded: it falls back to the per-step kernels rather than hang), the same
+                     backward; never picked by ``"auto"`` until a GPU run has measured it.
 
 :data:`REGISTRY` says what each supports; ``"auto"`` picks ``triton`` for CUDA tensors it can
 run (float32/16, bfloat16, embed_size <= 64) and ``torch`` for everything else. Every backend
@@ -37,8 +40,16 @@ REGISTRY = Registry("HyperLSTM", (
             fused_triton.hyper_lstm_sequence,
             {"cuda": fused_triton.SUPPORTED_DTYPES, "cpu": fused_triton.INTERPRETER_DTYPES},
             auto_devices=("cuda",), requires=triton_requires, limits=_triton_limits),
+    Backend("triton_persistent", "the Triton forward in one persistent launch (2 grid syncs per step), "
+            "the same backward; not run on a GPU yet, so never picked by auto",
+            fused_triton.persistent.hyper_lstm_sequence,
+            {"cuda": fused_triton.SUPPORTED_DTYPES, "cpu": fused_triton.INTERPRETER_DTYPES},
+            auto_devices=("cuda",), requires=triton_requires, limits=_triton_limits),
 ), auto_order=("triton", "torch"))
 BACKENDS = REGISTRY.names
+# the backends built on the Triton kernels: recurrent dropout as a seed by default (the kernels draw
+# the masks); CPU tensors only under the interpreter
+TRITON_BACKENDS = ("triton", "triton_persistent")
 
 
 def backend_status(name: str, device=None, dtype=None, training=None, **facts) -> Tuple[bool, str]:
@@ -61,5 +72,5 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
     return REGISTRY.available()
 
 
-__all__ = ["REGISTRY", "BACKENDS", "backend_status", "resolve_backend", "get_backend", "available_backends",
+__all__ = ["REGISTRY", "BACKENDS", "TRITON_BACKENDS", "backend_status", "resolve_backend", "get_backend", "available_backends",
            "CellConfig", "HyperLSTMState", "DropoutSeed"]

@@ -23,6 +23,7 @@ from hyperkern.ops.launches import Launch
 from hyperkern.ops.precision import triton_input_precision
 
 FWD, BWD = "hyperkern.kernels.hyper_lstm_fwd", "hyperkern.kernels.hyper_lstm_bwd"  # the kernels' modules
+PERSIST = "hyperkern.kernels.hyper_lstm_persistent"
 DTYPES = ("fp32", "fp16", "bf16")
 DOTS = {"fp32": ("tf32", "ieee"), "fp16": ("fp16",), "bf16": ("bf16",)}  # hyperkern.ops.precision names
 DROPOUT_MODES = (0, 1, 2)  # off, given mask tensors, seeded
@@ -65,6 +66,27 @@ class CellBwdConfig:
     num_stages: int = 1  # the chunk loops are not pipelined
 
 
+@dataclass(frozen=True)
+class PersistentConfig:
+    """The persistent forward (one launch per sequence): its products phase tiles like the gates
+    kernel, its cell phase walks row blocks like the cell kernel; one warp count for both."""
+    BM: int  # products: batch rows per tile
+    BH: int  # products: columns per gate per tile
+    BK: int  # products: reduction chunk
+    BMC: int  # cell: batch rows per row block (owns whole rows)
+    BN: int  # cell: column chunk over H (and Hh)
+    BZ: int  # cell: z outputs per chunk
+    BKZ: int  # cell: reduction chunk of z = ĥ @ z_weight^T
+    PIPE: int  # cell: software-pipeline depth of the chunk loops
+    num_warps: int
+    num_stages: int  # the products' K loop (tl.dot operand loads)
+
+    def phases(self) -> Tuple["GatesConfig", "CellKernelConfig"]:
+        """The two phases as the per-step kernels' configurations (what the performance model reads)."""
+        return (GatesConfig(self.BM, self.BH, self.BK, self.num_warps, self.num_stages),
+                CellKernelConfig(self.BMC, self.BN, self.BZ, self.BKZ, self.num_warps, self.PIPE))
+
+
 # (largest batch size the row applies to, config); the last row applies to every larger batch.
 GATES_TABLE: Tuple[Tuple[Optional[int], GatesConfig], ...] = (
     (16, GatesConfig(BM=16, BH=16, BK=32, num_warps=4, num_stages=3)),
@@ -93,6 +115,20 @@ CELL_BWD_TABLE: Tuple[Tuple[Optional[int], CellBwdConfig], ...] = (
     (32, CellBwdConfig(BMC=1, BN=128, BZ=16, num_warps=4)),
     (None, CellBwdConfig(BMC=2, BN=32, BZ=16, num_warps=4)),
 )
+# The persistent forward: the per-step tables' product tiles and cell row blocks (so it computes
+# what the per-step kernels compute: the same helpers, blocks and order), one warp count for both
+# phases (8: 255 registers x 256 threads fit one program per SM, its grid). One difference: past
+# B = 32 the products take 32-row tiles, BK 16 (64 x 64 fp32 FMA tiles, at BK 32 or 16, spilled
+# 12-40 B on sm_80 / sm_90a with Triton 3.6 and 3.9 as a call here). Longer cell chunks would
+# shorten a step (fewer dependent passes: at 512, -0.5 us at H=768 in perf_model.predict_persistent)
+# but sit at the 255-register cap and spilled 4-52 B in some modes (Triton 3.9, sm_80): not taken.
+PERSISTENT_TABLE: Tuple[Tuple[Optional[int], PersistentConfig], ...] = (
+    (16, PersistentConfig(BM=16, BH=16, BK=32, BMC=1, BN=256, BZ=64, BKZ=64, PIPE=2, num_warps=8, num_stages=3)),
+    (32, PersistentConfig(BM=32, BH=16, BK=16, BMC=1, BN=256, BZ=64, BKZ=64, PIPE=2, num_warps=8, num_stages=3)),
+    (128, PersistentConfig(BM=32, BH=16, BK=16, BMC=2, BN=64, BZ=64, BKZ=16, PIPE=1, num_warps=8, num_stages=3)),
+    (None, PersistentConfig(BM=32, BH=16, BK=16, BMC=4, BN=32, BZ=32, BKZ=16, PIPE=2, num_warps=8, num_stages=3)),
+)
+
 # The backward cell kernel accumulates dz for all E embeddings of a path in registers: E padded to
 # the next bucket (a power of two: tl.arange). Larger embeddings run on the torch backend.
 BE_BUCKETS = (4, 16, 64)
@@ -105,13 +141,16 @@ UNIT_INTS = {
     "hyper_lstm_cell_kernel": ("B", "H", "Hh", "E"),
     "hyper_lstm_cell_bwd_kernel": ("B", "H", "Hh", "E"),
     "hyper_lstm_gates_bwd_kernel": ("B", "H", "Hh", "n_main"),
+    "hyper_lstm_persistent_kernel": ("B", "H", "Hh", "E"),
 }
 
-# Register budget of both cell kernels (Triton's ``maxnreg``). Left alone, ptxas on sm_90 picks
-# 96 registers for some cell configurations and spills 4-28 B to stay there (an occupancy heuristic).
+# Register budget of both cell kernels and the persistent forward (Triton's ``maxnreg``). Left alone,
+# ptxas on sm_90 picks 96 registers for some cell configurations and spills 4-28 B to stay there (an
+# occupancy heuristic).
 # The cell kernels launch cdiv(B, BMC) programs: at most an H100's 132 SMs up to B = 528 (forward)
 # / 264 (backward), where occupancy cannot matter; beyond, the 4-warp configurations used there
-# still fit 2 blocks per SM at 255 registers (an SM has 64K). Not tuned on a GPU.
+# still fit 2 blocks per SM at 255 registers (an SM has 64K). The persistent forward's 8 warps at 255
+# registers (65,280) fit one program per SM, which is the grid it is launched with. Not tuned on a GPU.
 CELL_MAXNREG = 255
 
 # inputs each mode leaves out (passed as None)
@@ -131,6 +170,11 @@ def _pick_row(table, B: int):
 def choose_configs(B: int) -> Tuple[GatesConfig, CellKernelConfig]:
     """The forward dispatcher: block configurations of both kernels for a batch of B."""
     return _pick_row(GATES_TABLE, B), _pick_row(CELL_TABLE, B)
+
+
+def choose_persistent_config(B: int) -> PersistentConfig:
+    """The persistent forward's block configuration for a batch of B."""
+    return _pick_row(PERSISTENT_TABLE, B)
 
 
 def backward_dot(dtype: str, dot: str) -> str:
@@ -173,6 +217,18 @@ def forward_launches(B: int, dtype: str, dot: str, layer_norm: bool, dropout: in
     return gates, cell
 
 
+def persistent_launch(B: int, dtype: str, dot: str, layer_norm: bool, dropout: int) -> Launch:
+    """The one launch of a persistent forward over a whole sequence (a cooperative launch: the
+    driver refuses a grid that cannot be resident at once instead of letting it deadlock)."""
+    c = choose_persistent_config(B)
+    absent = (() if layer_norm else _LN_PARAMS) + _dropout_absent(dropout, ("m_ptr", "mh_ptr"))
+    return Launch("hyper_lstm_persistent_kernel", PERSIST, dtype,
+                  (("LAYER_NORM", bool(layer_norm)), ("DROPOUT", dropout),
+                   ("BM", c.BM), ("BH", c.BH), ("BK", c.BK), ("DOT_PRECISION", triton_input_precision(dot)),
+                   ("BMC", c.BMC), ("BN", c.BN), ("BZ", c.BZ), ("BKZ", c.BKZ), ("PIPE", c.PIPE)),
+                  c.num_warps, c.num_stages, CELL_MAXNREG, absent, cooperative=True)
+
+
 def backward_launches(B: int, E: int, dtype: str, dot: str, layer_norm: bool,
                       dropout: int) -> Tuple[Launch, Launch]:
     """(cell-backward kernel, gates-backward kernel) launches of a reverse step."""
@@ -191,13 +247,14 @@ def backward_launches(B: int, E: int, dtype: str, dot: str, layer_norm: bool,
 
 def batch_edges() -> List[int]:
     """One batch size per row of every table (its bound, and one past the last bound)."""
-    tables = (GATES_TABLE, CELL_TABLE, GATES_BWD_TABLE, GATES_BWD_TABLE_FMA, CELL_BWD_TABLE)
+    tables = (GATES_TABLE, CELL_TABLE, GATES_BWD_TABLE, GATES_BWD_TABLE_FMA, CELL_BWD_TABLE, PERSISTENT_TABLE)
     bounds = {b for table in tables for b, _ in table if b}
     return sorted(bounds | {max(bounds) + 1})
 
 
 def all_launches() -> List[Launch]:
-    """Every launch :func:`forward_launches` and :func:`backward_launches` can return (each once)."""
+    """Every launch :func:`forward_launches`, :func:`backward_launches` and :func:`persistent_launch`
+    can return (each once)."""
     seen: Dict[Launch, None] = {}
     for dtype in DTYPES:
         for dot in DOTS[dtype]:
@@ -206,6 +263,7 @@ def all_launches() -> List[Launch]:
                     for B in batch_edges():
                         for launch in forward_launches(B, dtype, dot, ln, drop):
                             seen.setdefault(launch)
+                        seen.setdefault(persistent_launch(B, dtype, dot, ln, drop))
                         for E in BE_BUCKETS:
                             for launch in backward_launches(B, E, dtype, dot, ln, drop):
                                 seen.setdefault(launch)
@@ -221,5 +279,6 @@ def all_bwd_kernel_configs() -> Tuple[List[GatesBwdConfig], List[CellBwdConfig]]
     return [c for t in (GATES_BWD_TABLE, GATES_BWD_TABLE_FMA) for _, c in t], [c for _, c in CELL_BWD_TABLE]
 
 
-__all__ = ["Launch", "forward_launches", "backward_launches", "all_launches", "choose_configs", "choose_bwd_configs",
+__all__ = ["Launch", "forward_launches", "backward_launches", "persistent_launch", "all_launches", "choose_configs",
+           "choose_bwd_configs", "choose_persistent_config",
            "embed_bucket", "batch_edges", "MAX_EMBED", "CELL_MAXNREG"]

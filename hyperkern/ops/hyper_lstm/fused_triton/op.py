@@ -33,13 +33,21 @@ def hyper_lstm_sequence(
     more launches per step, 4 in all) to get P, G, Â and z, giving bitwise the same gradients —
     and its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``).
     ``cuda_graphs``: replay the forward and the backward from CUDA graphs where possible."""
+    return call_sequence_op(torch.ops.hyperkern.hyper_lstm_triton, x, state, params, cfg, lengths, masks, recompute,
+                            cuda_graphs)
+
+
+def call_sequence_op(sequence_op, x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, lengths: Lengths,
+                     masks: Masks, recompute: bool, cuda_graphs: bool):
+    """One call of a Triton sequence op (``hyper_lstm_triton`` or ``hyper_lstm_triton_persistent``:
+    one schema), keeping what the backward needs when gradients are required."""
     _check_inputs(x, state, params, cfg, lengths, masks)
     save = (2 if recompute else 1) if needs_grad(x, state, params) else 0
     flat = [params[n] for n in cfg.param_names()]
     m_main, m_hyper, seed, p_drop = masks_to_op(masks)
-    res = torch.ops.hyperkern.hyper_lstm_triton(
-        x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size, cfg.embed_size,
-        bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save, bool(cuda_graphs))
+    res = sequence_op(x, *state, flat, lengths, m_main, m_hyper, seed, p_drop, cfg.hidden_size, cfg.hyper_size,
+                      cfg.embed_size, bool(cfg.layer_norm), float(cfg.forget_bias), float(cfg.ln_eps), save,
+                      bool(cuda_graphs))
     return res[0], tuple(res[1:5])
 
 
@@ -68,36 +76,50 @@ def hyper_lstm_triton_op(
     tensors (1: :data:`SAVED_NAMES`) or only every step's states (2, recompute mode:
     :data:`SAVED_NAMES_STATES`). Recurrent dropout: the masks ``m_main, m_hyper``, or ``seed`` with
     drop probability ``p_drop`` (see :func:`..dropout.masks_to_op`), or neither."""
+    return run_sequence_op(run_sequence, "hyper_lstm_triton", x, (h0, c0, hh0, ch0), params, lengths, m_main,
+                           m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias, ln_eps, save, cuda_graphs)
+
+
+def run_sequence_op(run, name: str, x, state, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm,
+                    forget_bias, ln_eps, save, cuda_graphs: bool) -> List[Tensor]:
+    """The body of the Triton sequence op ``name``: ``run`` (a forward launcher with
+    :func:`.launch.run_sequence`'s signature) over the op's arguments, the whole call replayed
+    from a CUDA graph where :mod:`.graphs` allows (``cuda_graphs``), and the op's outputs."""
     cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
     p = dict(zip(cfg.param_names(), params))
-    _check_inputs(x, (h0, c0, hh0, ch0), p, cfg, lengths, masks_from_op(m_main, m_hyper, seed, p_drop))
+    _check_inputs(x, state, p, cfg, lengths, masks_from_op(m_main, m_hyper, seed, p_drop))
     mode = {0: False, 1: "full", 2: "states"}[int(save)]
     names = SAVED_NAMES if save == 1 else SAVED_NAMES_STATES
 
     def forward(x, h0, c0, hh0, ch0, lens, m_main, m_hyper, seed) -> List[Tensor]:
         masks = masks_from_op(m_main, m_hyper, seed, p_drop)
-        out, final, buf = run_sequence(x, (h0, c0, hh0, ch0), p, cfg, lens, masks, save=mode, check=False)
+        out, final, buf = run(x, (h0, c0, hh0, ch0), p, cfg, lens, masks, save=mode, check=False)
         res = [out] + [f.clone() for f in final]  # never alias another output
         if save:
             res += [buf.saved[n] for n in names]
         return res
 
     lens = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
-    inputs = [x, h0, c0, hh0, ch0, lens, m_main, m_hyper, seed]
-    key = graphs.graph_key("hyper_lstm_triton", (H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps),
-                                                 int(save), float(p_drop)), inputs, params, x.device, _dot(x.dtype))
+    inputs = [x, *state, lens, m_main, m_hyper, seed]
+    key = graphs.graph_key(name, (H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps), int(save),
+                                  float(p_drop)), inputs, params, x.device, _dot(x.dtype))
     return graphs.CACHE.run(key, forward, inputs, enabled=cuda_graphs)
 
 
-@hyper_lstm_triton_op.register_fake
-def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
-      ln_eps, save, cuda_graphs):
+def fake_outputs(x, H, Hh, E, save) -> List[Tensor]:
+    """The outputs of a Triton sequence op, as empty tensors (its fake implementation)."""
     res = fake_sequence_outputs(x, H, Hh)
     if save:
         shapes = _saved_shapes(x.shape[0], x.shape[1], H, Hh, E)
         for n in (SAVED_NAMES if save == 1 else SAVED_NAMES_STATES):
             res.append(x.new_empty(shapes[n], dtype=torch.int32 if n == "lens" else _acc_dtype(x.dtype)))
     return res
+
+
+@hyper_lstm_triton_op.register_fake
+def _(x, h0, c0, hh0, ch0, params, lengths, m_main, m_hyper, seed, p_drop, H, Hh, E, layer_norm, forget_bias,
+      ln_eps, save, cuda_graphs):
+    return fake_outputs(x, H, Hh, E, save)
 
 
 @torch.library.custom_op("hyperkern::hyper_lstm_triton_backward", mutates_args=())
