@@ -475,23 +475,13 @@ def section_large_offsets(ctx) -> List[dict]:
     return rows
 
 
-def _training_call(layer, x, lengths, seed: int) -> List[torch.Tensor]:
-    """Output, final state and every gradient of one training call (seeded recurrent dropout)."""
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)
-    out, st = layer(x, lengths=lengths)
-    (out.float().square().sum() + st.c.float().sum() + st.h_hat.float().sum()).backward()
-    return [out.detach(), *(s.detach() for s in st), x.grad] + [p.grad.clone() for p in layer.parameters()]
-
-
 def section_graphs(ctx) -> List[dict]:
     """The layer's own whole-call graphs and bound launches against the eager loop (bitwise); a
     forward (inference) and a training step captured in a user's own graph and replayed: equal to
     eager. Dry run: the stand-in capture (``hyperkern.testing.RerunCapture``), no outer capture."""
     from hyperkern.ops import launches
-
     from hyperkern.ops.hyper_lstm.fused_triton import graphs
+    from hyperkern.testing import training_step
 
     rows = []
     real_cache = graphs.CACHE
@@ -505,10 +495,10 @@ def section_graphs(ctx) -> List[dict]:
         graphs.CACHE = real_cache
     layer, x = _small_layer(recurrent_dropout=0.3)
     layer.cuda_graphs = False
-    bound = _training_call(layer, x, None, 5)
+    bound = training_step(layer, x, None, 5)
     launches.BIND_COMPILED = False
     try:
-        jit = _training_call(layer, x, None, 5)
+        jit = training_step(layer, x, None, 5)
     finally:
         launches.BIND_COMPILED = True
     ok = all(torch.equal(a, b) for a, b in zip(bound, jit))
@@ -527,6 +517,7 @@ def _own_graph_rows(ctx) -> List[dict]:
     import copy
 
     from hyperkern import clear_cuda_graph_cache, cuda_graph_cache_info
+    from hyperkern.testing import training_step
 
     rows = []
     shape = dict(num_layers=1) if ctx.dry_run else dict(num_layers=2, bidirectional=True)
@@ -540,7 +531,7 @@ def _own_graph_rows(ctx) -> List[dict]:
         for i in range(3):  # eager (first seen), captured and replayed, replayed
             xi = torch.randn(x.shape, generator=g).to(x.device, dtype)
             lengths = torch.tensor([5, 4, 2])[torch.randperm(3, generator=g)]
-            got, want = _training_call(graphed, xi, lengths, 20 + i), _training_call(eager, xi, lengths, 20 + i)
+            got, want = training_step(graphed, xi, lengths, 20 + i), training_step(eager, xi, lengths, 20 + i)
             ok &= all(torch.equal(a, b) for a, b in zip(got, want))
             calls.append(got[0])
         counts = cuda_graph_cache_info().counts

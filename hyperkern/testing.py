@@ -65,6 +65,18 @@ class GuardedAlloc:
         assert not bad, "; ".join(bad)
 
 
+def training_step(layer: nn.Module, x: torch.Tensor, lengths, seed: int):
+    """One training call of a ``HyperLSTM``: its output, final state and every gradient (the
+    input's, then the parameters'), after ``torch.manual_seed(seed)`` (which draws its recurrent
+    dropout). Gradients start from nothing; ``x`` is cloned."""
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out, st = layer(x, lengths=lengths)
+    (out.float().square().sum() + st.c.float().sum() + st.h_hat.float().sum()).backward()
+    return [out.detach(), *(s.detach() for s in st), x.grad] + [p.grad.clone() for p in layer.parameters()]
+
+
 class RerunCapture:
     """A stand-in for ``fused_triton.graphs.CudaGraphCapture`` on a machine without a GPU (the
     tests, ``gpu-check --dry-run``). "Capture" runs the call once on static copies of its inputs

@@ -143,33 +143,23 @@ def _tile_matmul(acc, a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, wrow, col_
 # launch 1 of a step: every product of h_{t-1} (and ĥ_{t-1})
 # --------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["t"])  # one compiled kernel for every step (t == 1 would become a constexpr)
-def hyper_lstm_gates_kernel(
-    h_ptr, hh_ptr, slot_h, slot_hh, stride_h, stride_hh,  # state rings h [S, B, H], ĥ [S, B, Hh] (fp32)
-    w_hh_ptr, stride_whh,                            # weight_hh [4H, H]
-    w_hih_ptr, stride_whih,                          # hyper_weight_ih[:, X:] [4Hh, H] (a view)
-    w_hhh_ptr, stride_whhh,                          # hyper_weight_hh [4Hh, Hh]
-    hbias_ptr,                                       # hyper_bias [4Hh]
-    xph_ptr, stride_xpt, stride_xpb,                 # hyper x-projection [T, B, 4Hh] (fp32 view)
-    p_ptr, stride_pt, stride_p,                      # out: P [T', B, 4H] fp32 (stride_pt 0: one scratch)
-    ahat_ptr, stride_aht, stride_ahat,               # out: Â [T', B, 4Hh] fp32 (likewise)
-    t, n_slots, B, H, Hh, n_main,                    # step t reads slot t % n_slots; n_main = cdiv(H, BH)
-    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
-    prev = (t % n_slots).to(tl.int64)  # a 32-bit modulo (a 64-bit one is a long routine)
-    h_ptr += prev * slot_h
-    hh_ptr += prev * slot_hh
-    # (P's and Â's step offsets are added at the stores: a pointer computed here would hold two
-    # registers across the K loop, which spilled 8 B in the fp32 FMA BM32 row on sm_90a)
+@triton.jit
+def _products_step(pid_n, pid_m, t64, h_ptr, stride_h, hh_ptr, stride_hh,
+                   w_hh_ptr, stride_whh, w_hih_ptr, stride_whih, w_hhh_ptr, stride_whhh, hbias_ptr,
+                   xph_ptr, stride_xpt, stride_xpb, p_ptr, stride_pt, stride_p, ahat_ptr, stride_aht, stride_ahat,
+                   B, H, Hh, n_main,
+                   BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Tile ``(pid_n, pid_m)`` of step t's products from ``h_{t-1}``, ``ĥ_{t-1}`` (``h_ptr``,
+    ``hh_ptr``: ``[B, *]``): a main tile of P, or a hyper tile of Â. The body of the per-step
+    gates kernel and of the persistent kernel's products phase (one place)."""
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # int64: row x stride offsets may pass 2^31
     row_ok = rows < B
     n = tl.arange(0, 4 * BH)
     gate = n // BH  # columns are gate-interleaved: [i-block | f-block | g-block | o-block]
     jj = n % BH
     acc = tl.zeros([BM, 4 * BH], dtype=p_ptr.dtype.element_ty)
+    # (P's and Â's step offsets are added at the stores: a pointer computed before the K loop would
+    # hold two registers across it, which spilled 8 B in the fp32 FMA BM32 row on sm_90a)
     if pid_n < n_main:
         j = pid_n * BH + jj
         col_ok = j < H
@@ -192,6 +182,28 @@ def hyper_lstm_gates_kernel(
         hb = tl.load(hbias_ptr + wrow, mask=col_ok, other=0.0).to(p_ptr.dtype.element_ty)
         acc = acc + xph + hb[None, :]
         tl.store(ahat_ptr + t64 * stride_aht + rows[:, None] * stride_ahat + wrow[None, :], acc, mask=m)
+
+
+@triton.jit(do_not_specialize=["t"])  # one compiled kernel for every step (t == 1 would become a constexpr)
+def hyper_lstm_gates_kernel(
+    h_ptr, hh_ptr, slot_h, slot_hh, stride_h, stride_hh,  # state rings h [S, B, H], ĥ [S, B, Hh] (fp32)
+    w_hh_ptr, stride_whh,                            # weight_hh [4H, H]
+    w_hih_ptr, stride_whih,                          # hyper_weight_ih[:, X:] [4Hh, H] (a view)
+    w_hhh_ptr, stride_whhh,                          # hyper_weight_hh [4Hh, Hh]
+    hbias_ptr,                                       # hyper_bias [4Hh]
+    xph_ptr, stride_xpt, stride_xpb,                 # hyper x-projection [T, B, 4Hh] (fp32 view)
+    p_ptr, stride_pt, stride_p,                      # out: P [T', B, 4H] fp32 (stride_pt 0: one scratch)
+    ahat_ptr, stride_aht, stride_ahat,               # out: Â [T', B, 4Hh] fp32 (likewise)
+    t, n_slots, B, H, Hh, n_main,                    # step t reads slot t % n_slots; n_main = cdiv(H, BH)
+    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    t64 = tl.full([], 0, tl.int64) + t  # int64 offsets; also valid if t were specialised to a constexpr
+    prev = (t % n_slots).to(tl.int64)  # a 32-bit modulo (a 64-bit one is a long routine)
+    _products_step(tl.program_id(0), tl.program_id(1), t64, h_ptr + prev * slot_h, stride_h,
+                   hh_ptr + prev * slot_hh, stride_hh, w_hh_ptr, stride_whh, w_hih_ptr, stride_whih,
+                   w_hhh_ptr, stride_whhh, hbias_ptr, xph_ptr, stride_xpt, stride_xpb,
+                   p_ptr, stride_pt, stride_p, ahat_ptr, stride_aht, stride_ahat, B, H, Hh, n_main,
+                   BM, BH, BK, DOT_PRECISION)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +371,78 @@ def _main_pregates(p_ptr, stride_p, xp_ptr, stride_xpb, bias_ptr, dw_ptr, z_ptr,
     return mean, m2
 
 
+@triton.jit
+def _cell_step(rows, t, t64, B, H, Hh, E, lengths_ptr,
+               ahat_ptr, stride_ahat,
+               chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
+               hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr, mh_ptr, stride_mhb,
+               zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z,
+               p_ptr, stride_p, xp_ptr, stride_xpb, bias_ptr, dw_ptr, g_ptr, stride_g,
+               c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
+               ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr, m_ptr, stride_mb, out_ptr, stride_ob,
+               seed_ptr, p_drop, drop_scale, forget_bias, eps,
+               LAYER_NORM: tl.constexpr, DROPOUT: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr,
+               BZ: tl.constexpr, BKZ: tl.constexpr, PIPE: tl.constexpr):
+    """Step t of the cell for ``rows``: every pointer is already step t's ``[B, *]`` slice (the
+    state's previous and new slots, Â, z, P, XP, G, the masks, the output). The body of the
+    per-step cell kernel and of the persistent kernel's cell phase (one place)."""
+    row_ok = rows < B
+    rows3 = rows[:, None, None]
+    row_ok3 = row_ok[:, None, None]
+    lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
+    alive3 = (t < lens)[:, None, None]
+    gate3 = tl.arange(0, 4)[None, :, None]
+    zeros_g = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
+
+    # 0. recurrent dropout: DROPOUT 0 off, 1 the mask tensors, 2 seeded: this step's masks are
+    #    drawn into the mask scratch (m_ptr = [B, H + Hh], mh_ptr = m_ptr + H)
+    if DROPOUT == 2:
+        _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, t64, B, H + Hh, p_drop, drop_scale, BMC, BN)
+        tl.debug_barrier()
+
+    # 1. hyper cell (state ĥ, ĉ) from its pre-gates Â
+    hg_mean = zeros_g
+    hg_rstd = zeros_g
+    if LAYER_NORM:
+        hg_mean, hg_m2 = _gate_stats(ahat_ptr, stride_ahat, rows3, row_ok3, gate3, Hh, BMC, BN, PIPE)
+        hg_rstd = tl.rsqrt(hg_m2 / Hh + eps)
+    hc_mean, hc_m2 = _update_pass(
+        ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
+        chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
+        mh_ptr, stride_mhb, out_ptr, stride_ob,
+        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, DROPOUT > 0, False, BMC, BN, PIPE)
+    if LAYER_NORM:
+        tl.debug_barrier()
+        _output_pass(ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
+                     chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
+                     hc_mean, tl.rsqrt(hc_m2 / Hh + eps), hlnc_w_ptr, hlnc_b_ptr,
+                     out_ptr, stride_ob, rows3, row_ok3, alive3, gate3, False, BMC, BN, PIPE)
+    tl.debug_barrier()
+
+    # 2. the 12 embeddings of this step, from the new ĥ_t
+    _embeddings(hhat_new_ptr, stride_hs, zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z, rows, row_ok, Hh, E,
+                BMC, BZ, BKZ)
+    tl.debug_barrier()
+
+    # 3. main cell: pre-gates with in-register scaling vectors, per-gate LN, update, LN(c), h
+    g_mean, g_m2 = _main_pregates(p_ptr, stride_p, xp_ptr, stride_xpb, bias_ptr, dw_ptr,
+                                  z_ptr, stride_z, g_ptr, stride_g, rows3, row_ok3, gate3, H, E,
+                                  LAYER_NORM, BMC, BN, PIPE)
+    g_rstd = tl.rsqrt(g_m2 / H + eps)
+    tl.debug_barrier()
+    c_mean, c_m2 = _update_pass(
+        g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
+        c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
+        m_ptr, stride_mb, out_ptr, stride_ob,
+        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, DROPOUT > 0, True, BMC, BN, PIPE)
+    if LAYER_NORM:
+        tl.debug_barrier()
+        _output_pass(g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
+                     c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
+                     c_mean, tl.rsqrt(c_m2 / H + eps), lnc_w_ptr, lnc_b_ptr,
+                     out_ptr, stride_ob, rows3, row_ok3, alive3, gate3, True, BMC, BN, PIPE)
+
+
 @triton.jit(do_not_specialize=["t"])
 def hyper_lstm_cell_kernel(
     t, n_slots, B, H, Hh, E, lengths_ptr,            # lengths: int32 [B] on the device
@@ -381,87 +465,35 @@ def hyper_lstm_cell_kernel(
     c_new_ptr, h_new_ptr, slot_s_new,
     stride_s,
     ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,        # None without layer norm
-    m_ptr, stride_mt, stride_mb,                     # main dropout masks [T, B, H] (fp32); None without
+    m_ptr, stride_mt, stride_mb,                     # main dropout masks [T, B, H] (fp32; seeded: the
+                                                     #   [B, H + Hh] scratch, t-stride 0); None without
     out_ptr, stride_ot, stride_ob,                   # output [T, B, H]
     seed_ptr, p_drop, drop_scale,                    # seeded dropout (DROPOUT == 2): int64 seed, p, 1/(1-p)
     forget_bias, eps,
     LAYER_NORM: tl.constexpr, DROPOUT: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr, BZ: tl.constexpr,
     BKZ: tl.constexpr, PIPE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BMC + tl.arange(0, BMC)).to(tl.int64)  # int64: a caller's output view may have any strides
-    row_ok = rows < B
-    rows3 = rows[:, None, None]
-    row_ok3 = row_ok[:, None, None]
-    lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    alive3 = (t < lens)[:, None, None]
-    gate3 = tl.arange(0, 4)[None, :, None]
+    rows = (tl.program_id(0) * BMC + tl.arange(0, BMC)).to(tl.int64)  # int64: an output view may have any strides
     # step t's slices of every per-step buffer, from the base pointers (int64 offsets)
     t64 = tl.full([], 0, tl.int64) + t  # also valid if t were specialised to a constexpr
     prev = (t % n_slots).to(tl.int64)  # a 32-bit modulo (a 64-bit one is a long routine)
     new = ((t + 1) % n_slots).to(tl.int64)
-    chat_prev_ptr += prev * slot_hs
-    hhat_prev_ptr += prev * slot_hs
-    c_prev_ptr += prev * slot_s
-    h_prev_ptr += prev * slot_s
-    chat_new_ptr += new * slot_hs_new
-    hhat_new_ptr += new * slot_hs_new
-    c_new_ptr += new * slot_s_new
-    h_new_ptr += new * slot_s_new
-    ahat_ptr += t64 * stride_aht
-    z_ptr += t64 * stride_zt
-    p_ptr += t64 * stride_pt
-    g_ptr += t64 * stride_gt
-    zeros_g = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
-
-    # 0. recurrent dropout: DROPOUT 0 off, 1 the mask tensors, 2 seeded: this step's masks are
-    #    drawn into the mask scratch (m_ptr = [B, H + Hh] with stride_mt = 0, mh_ptr = m_ptr + H)
-    if DROPOUT == 2:
-        _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, t64, B, H + Hh, p_drop, drop_scale, BMC, BN)
-        tl.debug_barrier()
-
-    # 1. hyper cell (state ĥ, ĉ) from its pre-gates Â
-    hg_mean = zeros_g
-    hg_rstd = zeros_g
-    if LAYER_NORM:
-        hg_mean, hg_m2 = _gate_stats(ahat_ptr, stride_ahat, rows3, row_ok3, gate3, Hh, BMC, BN, PIPE)
-        hg_rstd = tl.rsqrt(hg_m2 / Hh + eps)
-    hc_mean, hc_m2 = _update_pass(
-        ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
-        chat_prev_ptr, chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
-        mh_ptr + t64 * stride_mht if DROPOUT > 0 else mh_ptr, stride_mhb, out_ptr, stride_ob,
-        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, DROPOUT > 0, False, BMC, BN, PIPE)
-    if LAYER_NORM:
-        tl.debug_barrier()
-        _output_pass(ahat_ptr, stride_ahat, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
-                     chat_new_ptr, hhat_prev_ptr, hhat_new_ptr, stride_hs,
-                     hc_mean, tl.rsqrt(hc_m2 / Hh + eps), hlnc_w_ptr, hlnc_b_ptr,
-                     out_ptr, stride_ob, rows3, row_ok3, alive3, gate3, False, BMC, BN, PIPE)
-    tl.debug_barrier()
-
-    # 2. the 12 embeddings of this step, from the new ĥ_t
-    _embeddings(hhat_new_ptr, stride_hs, zw_ptr, stride_zw, zb_ptr, z_ptr, stride_z, rows, row_ok, Hh, E,
-                BMC, BZ, BKZ)
-    tl.debug_barrier()
-
-    # 3. main cell: pre-gates with in-register scaling vectors, per-gate LN, update, LN(c), h
-    g_mean, g_m2 = _main_pregates(p_ptr, stride_p, xp_ptr + t64 * stride_xpt, stride_xpb, bias_ptr, dw_ptr,
-                                  z_ptr, stride_z, g_ptr, stride_g, rows3, row_ok3, gate3, H, E,
-                                  LAYER_NORM, BMC, BN, PIPE)
-    g_rstd = tl.rsqrt(g_m2 / H + eps)
-    tl.debug_barrier()
-    out_t = out_ptr + t64 * stride_ot
-    c_mean, c_m2 = _update_pass(
-        g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
-        c_prev_ptr, c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
-        m_ptr + t64 * stride_mt if DROPOUT > 0 else m_ptr, stride_mb, out_t, stride_ob,
-        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, DROPOUT > 0, True, BMC, BN, PIPE)
-    if LAYER_NORM:
-        tl.debug_barrier()
-        _output_pass(g_ptr, stride_g, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
-                     c_new_ptr, h_prev_ptr, h_new_ptr, stride_s,
-                     c_mean, tl.rsqrt(c_m2 / H + eps), lnc_w_ptr, lnc_b_ptr,
-                     out_t, stride_ob, rows3, row_ok3, alive3, gate3, True, BMC, BN, PIPE)
+    _cell_step(rows, t, t64, B, H, Hh, E, lengths_ptr,
+               ahat_ptr + t64 * stride_aht, stride_ahat,
+               chat_prev_ptr + prev * slot_hs, chat_new_ptr + new * slot_hs_new,
+               hhat_prev_ptr + prev * slot_hs, hhat_new_ptr + new * slot_hs_new, stride_hs,
+               hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,
+               mh_ptr + t64 * stride_mht if DROPOUT > 0 else mh_ptr, stride_mhb,
+               zw_ptr, stride_zw, zb_ptr, z_ptr + t64 * stride_zt, stride_z,
+               p_ptr + t64 * stride_pt, stride_p, xp_ptr + t64 * stride_xpt, stride_xpb, bias_ptr, dw_ptr,
+               g_ptr + t64 * stride_gt, stride_g,
+               c_prev_ptr + prev * slot_s, c_new_ptr + new * slot_s_new,
+               h_prev_ptr + prev * slot_s, h_new_ptr + new * slot_s_new, stride_s,
+               ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,
+               m_ptr + t64 * stride_mt if DROPOUT > 0 else m_ptr, stride_mb,
+               out_ptr + t64 * stride_ot, stride_ob,
+               seed_ptr, p_drop, drop_scale, forget_bias, eps,
+               LAYER_NORM, DROPOUT, BMC, BN, BZ, BKZ, PIPE)
 
 
 # --------------------------------------------------------------------------------------------

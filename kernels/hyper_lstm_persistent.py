@@ -20,9 +20,9 @@ resident at once: a cooperative launch). Every program walks the time loop; per 
    skipped after the last step.
 
 So **two grid-wide syncs per step, with or without layer norm** (2T − 1 per launch). The maths
-is the per-step kernels' own: the same ``@triton.jit`` helpers of ``hyper_lstm_fwd`` in the same
-order with the same block sizes, so under the interpreter the results equal the per-step
-launcher's bit for bit. docs/persistent.md compares this split with a column-owned cell (four
+is the per-step kernels' own: their bodies ``_products_step`` and ``_cell_step`` of
+``hyper_lstm_fwd``, with the same block sizes, so under the interpreter the results equal the
+per-step launcher's bit for bit. docs/persistent.md compares this split with a column-owned cell (four
 syncs per step with layer norm) and gives the numbers behind the choice.
 
 **Grid syncs never hang.** :func:`_grid_sync` is a monotonic counter barrier: sync k of the launch
@@ -52,8 +52,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hyperkern.kernels.hyper_lstm_fwd import (_draw_masks, _embeddings, _gate_stats, _main_pregates, _output_pass,
-                                              _tile_matmul, _update_pass)
+from hyperkern.kernels.hyper_lstm_fwd import _cell_step, _products_step
 
 
 @triton.jit
@@ -91,38 +90,12 @@ def _products_tile(q, t64, slot_prev, n_col, n_main, B, H, Hh,
                    w_hh_ptr, stride_whh, w_hih_ptr, stride_whih, w_hhh_ptr, stride_whhh, hbias_ptr,
                    xp_ptr, stride_xpt, stride_xpb, p_ptr, stride_pt, stride_pb, ahat_ptr, stride_at, stride_ab,
                    BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Tile q of step t's products (the per-step gates kernel's program ``(q % n_col, q // n_col)``)."""
-    pid_n = q % n_col
-    pid_m = q // n_col
-    rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # int64: row x stride offsets may pass 2^31
-    row_ok = rows < B
-    n = tl.arange(0, 4 * BH)
-    gate = n // BH  # columns are gate-interleaved: [i-block | f-block | g-block | o-block]
-    jj = n % BH
-    h_prev = hs_ptr + slot_prev * stride_st
-    acc = tl.zeros([BM, 4 * BH], dtype=p_ptr.dtype.element_ty)
-    if pid_n < n_main:
-        j = pid_n * BH + jj
-        col_ok = j < H
-        wrow = (gate * H + j).to(tl.int64)  # weight row x stride: 4H·H may pass 2^31
-        acc = _tile_matmul(acc, h_prev, stride_sb, rows, row_ok, w_hh_ptr, stride_whh, wrow, col_ok, H,
-                           BK, DOT_PRECISION)
-        tl.store(p_ptr + t64 * stride_pt + rows[:, None] * stride_pb + wrow[None, :], acc,
-                 mask=row_ok[:, None] & col_ok[None, :])
-    else:
-        j = (pid_n - n_main) * BH + jj
-        col_ok = j < Hh
-        wrow = (gate * Hh + j).to(tl.int64)
-        acc = _tile_matmul(acc, h_prev, stride_sb, rows, row_ok, w_hih_ptr, stride_whih, wrow, col_ok, H,
-                           BK, DOT_PRECISION)
-        acc = _tile_matmul(acc, hhs_ptr + slot_prev * stride_hst, stride_hsb, rows, row_ok, w_hhh_ptr, stride_whhh,
-                           wrow, col_ok, Hh, BK, DOT_PRECISION)
-        m = row_ok[:, None] & col_ok[None, :]
-        xph = tl.load(xp_ptr + 4 * H + t64 * stride_xpt + rows[:, None] * stride_xpb + wrow[None, :], mask=m,
-                      other=0.0)
-        hb = tl.load(hbias_ptr + wrow, mask=col_ok, other=0.0).to(p_ptr.dtype.element_ty)
-        tl.store(ahat_ptr + t64 * stride_at + rows[:, None] * stride_ab + wrow[None, :], acc + xph + hb[None, :],
-                 mask=m)
+    """Tile q of step t's products: the per-step gates kernel's program ``(q % n_col, q // n_col)``."""
+    _products_step(q % n_col, q // n_col, t64, hs_ptr + slot_prev * stride_st, stride_sb,
+                   hhs_ptr + slot_prev * stride_hst, stride_hsb, w_hh_ptr, stride_whh, w_hih_ptr, stride_whih,
+                   w_hhh_ptr, stride_whhh, hbias_ptr, xp_ptr + 4 * H, stride_xpt, stride_xpb,
+                   p_ptr, stride_pt, stride_pb, ahat_ptr, stride_at, stride_ab, B, H, Hh, n_main,
+                   BM, BH, BK, DOT_PRECISION)
 
 
 @triton.jit(noinline=True)
@@ -137,71 +110,23 @@ def _cell_rows(r, t, t64, slot_prev, slot_new, B, H, Hh, E, lengths_ptr,
                seed_ptr, p_drop, drop_scale, forget_bias, eps,
                LAYER_NORM: tl.constexpr, DROPOUT: tl.constexpr, BMC: tl.constexpr, BN: tl.constexpr,
                BZ: tl.constexpr, BKZ: tl.constexpr, PIPE: tl.constexpr):
-    """Row block r of step t's cell (the per-step cell kernel's program r)."""
-    rows = (r * BMC + tl.arange(0, BMC)).to(tl.int64)
-    row_ok = rows < B
-    rows3 = rows[:, None, None]
-    row_ok3 = row_ok[:, None, None]
-    lens = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-    alive3 = (t < lens)[:, None, None]
-    gate3 = tl.arange(0, 4)[None, :, None]
-    zeros_g = tl.zeros([BMC, 4, 1], dtype=g_ptr.dtype.element_ty)
-    ahat_t = ahat_ptr + t64 * stride_at
-    z_t = z_ptr + t64 * stride_zt
-    p_t = p_ptr + t64 * stride_pt
-    g_t = g_ptr + t64 * stride_gt
-    hh_prev, hh_new = hhs_ptr + slot_prev * stride_hst, hhs_ptr + slot_new * stride_hst
-    ch_prev, ch_new = chs_ptr + slot_prev * stride_hst, chs_ptr + slot_new * stride_hst
-    h_prev, h_new = hs_ptr + slot_prev * stride_st, hs_ptr + slot_new * stride_st
-    c_prev, c_new = cs_ptr + slot_prev * stride_st, cs_ptr + slot_new * stride_st
-
-    # 0. recurrent dropout: DROPOUT 0 off, 1 the mask tensors, 2 seeded (drawn into the [B, H + Hh]
-    #    mask scratch: m_ptr its first H columns with stride_mt = 0, mh_ptr the rest)
-    if DROPOUT == 2:
-        _draw_masks(seed_ptr, m_ptr, stride_mb, rows, row_ok, t64, B, H + Hh, p_drop, drop_scale, BMC, BN)
-        tl.debug_barrier()
-
-    # 1. hyper cell (state ĥ, ĉ) from its pre-gates Â
-    hg_mean = zeros_g
-    hg_rstd = zeros_g
-    if LAYER_NORM:
-        hg_mean, hg_m2 = _gate_stats(ahat_t, stride_ab, rows3, row_ok3, gate3, Hh, BMC, BN, PIPE)
-        hg_rstd = tl.rsqrt(hg_m2 / Hh + eps)
-    hc_mean, hc_m2 = _update_pass(
-        ahat_t, stride_ab, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
-        ch_prev, ch_new, hh_prev, hh_new, stride_hsb,
-        mh_ptr + t64 * stride_mht if DROPOUT > 0 else mh_ptr, stride_mhb, out_ptr, stride_ob,
-        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, DROPOUT > 0, False, BMC, BN, PIPE)
-    if LAYER_NORM:
-        tl.debug_barrier()
-        _output_pass(ahat_t, stride_ab, hg_mean, hg_rstd, hln_w_ptr, hln_b_ptr, Hh,
-                     ch_new, hh_prev, hh_new, stride_hsb,
-                     hc_mean, tl.rsqrt(hc_m2 / Hh + eps), hlnc_w_ptr, hlnc_b_ptr,
-                     out_ptr, stride_ob, rows3, row_ok3, alive3, gate3, False, BMC, BN, PIPE)
-    tl.debug_barrier()
-
-    # 2. the 12 embeddings of this step, from the new ĥ_t
-    _embeddings(hh_new, stride_hsb, zw_ptr, stride_zw, zb_ptr, z_t, stride_zb, rows, row_ok, Hh, E, BMC, BZ, BKZ)
-    tl.debug_barrier()
-
-    # 3. main cell: pre-gates with in-register scaling vectors, per-gate LN, update, LN(c), h
-    g_mean, g_m2 = _main_pregates(p_t, stride_pb, xp_ptr + t64 * stride_xpt, stride_xpb, bias_ptr, dw_ptr,
-                                  z_t, stride_zb, g_t, stride_gb, rows3, row_ok3, gate3, H, E,
-                                  LAYER_NORM, BMC, BN, PIPE)
-    g_rstd = tl.rsqrt(g_m2 / H + eps)
-    tl.debug_barrier()
-    out_t = out_ptr + t64 * stride_ot
-    c_mean, c_m2 = _update_pass(
-        g_t, stride_gb, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
-        c_prev, c_new, h_prev, h_new, stride_sb,
-        m_ptr + t64 * stride_mt if DROPOUT > 0 else m_ptr, stride_mb, out_t, stride_ob,
-        rows3, row_ok3, alive3, gate3, forget_bias, LAYER_NORM, DROPOUT > 0, True, BMC, BN, PIPE)
-    if LAYER_NORM:
-        tl.debug_barrier()
-        _output_pass(g_t, stride_gb, g_mean, g_rstd, ln_w_ptr, ln_b_ptr, H,
-                     c_new, h_prev, h_new, stride_sb,
-                     c_mean, tl.rsqrt(c_m2 / H + eps), lnc_w_ptr, lnc_b_ptr,
-                     out_t, stride_ob, rows3, row_ok3, alive3, gate3, True, BMC, BN, PIPE)
+    """Row block r of step t's cell: the per-step cell kernel's program r."""
+    _cell_step((r * BMC + tl.arange(0, BMC)).to(tl.int64), t, t64, B, H, Hh, E, lengths_ptr,
+               ahat_ptr + t64 * stride_at, stride_ab,
+               chs_ptr + slot_prev * stride_hst, chs_ptr + slot_new * stride_hst,
+               hhs_ptr + slot_prev * stride_hst, hhs_ptr + slot_new * stride_hst, stride_hsb,
+               hln_w_ptr, hln_b_ptr, hlnc_w_ptr, hlnc_b_ptr,
+               mh_ptr + t64 * stride_mht if DROPOUT > 0 else mh_ptr, stride_mhb,
+               zw_ptr, stride_zw, zb_ptr, z_ptr + t64 * stride_zt, stride_zb,
+               p_ptr + t64 * stride_pt, stride_pb, xp_ptr + t64 * stride_xpt, stride_xpb, bias_ptr, dw_ptr,
+               g_ptr + t64 * stride_gt, stride_gb,
+               cs_ptr + slot_prev * stride_st, cs_ptr + slot_new * stride_st,
+               hs_ptr + slot_prev * stride_st, hs_ptr + slot_new * stride_st, stride_sb,
+               ln_w_ptr, ln_b_ptr, lnc_w_ptr, lnc_b_ptr,
+               m_ptr + t64 * stride_mt if DROPOUT > 0 else m_ptr, stride_mb,
+               out_ptr + t64 * stride_ot, stride_ob,
+               seed_ptr, p_drop, drop_scale, forget_bias, eps,
+               LAYER_NORM, DROPOUT, BMC, BN, BZ, BKZ, PIPE)
 
 
 @triton.jit(do_not_specialize=["T", "n_slots", "n_sync", "max_spin"])

@@ -18,23 +18,13 @@ import torch
 import hyperkern
 from hyperkern import HyperLSTM
 from hyperkern.ops.hyper_lstm.fused_triton import graphs
-from hyperkern.testing import RerunCapture, randomize_
+from hyperkern.testing import RerunCapture, randomize_, training_step
 
 
 def _layer(num_layers=1, **kw):
     layer = HyperLSTM(3, 7, hyper_size=5, embed_size=2, num_layers=num_layers, backend="triton", **kw)
     randomize_(layer, torch.Generator().manual_seed(70))
     return layer
-
-
-def _step(layer, x, lengths, seed):
-    """One training step's results: output, final state, every gradient (fresh input each time)."""
-    layer.zero_grad()
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)  # the recurrent-dropout seeds are drawn from torch's generator
-    out, st = layer(x, lengths=lengths)
-    (out.square().sum() + st.c.sum() + st.h_hat.sum()).backward()
-    return [out.detach(), *(s.detach() for s in st), x.grad] + [p.grad.clone() for p in layer.parameters()]
 
 
 def _calls(n: int, T=3, B=3):
@@ -55,7 +45,7 @@ def test_replays_are_bitwise_the_eager_loop(rerun_graphs, recompute):
     eager.cuda_graphs = False
     results = []
     for x, lengths, seed in _calls(3):
-        got, want = _step(graphed, x, lengths, seed), _step(eager, x, lengths, seed)
+        got, want = training_step(graphed, x, lengths, seed), training_step(eager, x, lengths, seed)
         for g, w in zip(got, want):
             assert torch.equal(g, w)
         results.append(got)
@@ -73,12 +63,12 @@ def test_dropout_seed_is_an_input_of_the_graph(rerun_graphs):
     the capture would repeat the captured call's masks)."""
     layer = _layer(recurrent_dropout=0.5)
     x, lengths, _ = next(_calls(1))
-    outs = [_step(layer, x, lengths, seed)[0] for seed in (1, 2, 3)]
+    outs = [training_step(layer, x, lengths, seed)[0] for seed in (1, 2, 3)]
     assert rerun_graphs.info().counts["replayed"] == 4  # calls 2 and 3, forward and backward
     assert not torch.equal(outs[1], outs[2])
     eager = copy.deepcopy(layer)
     eager.cuda_graphs = False
-    assert torch.equal(_step(eager, x, lengths, 3)[0], outs[2])
+    assert torch.equal(training_step(eager, x, lengths, 3)[0], outs[2])
 
 
 def test_parameters_are_read_in_place(rerun_graphs):
@@ -87,14 +77,14 @@ def test_parameters_are_read_in_place(rerun_graphs):
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     x, lengths, _ = next(_calls(1))
     for _ in range(3):  # eager, capture, replay
-        _step(layer, x, lengths, 0)
+        training_step(layer, x, lengths, 0)
         opt.step()
     eager = copy.deepcopy(layer)
     eager.cuda_graphs = False
-    assert torch.equal(_step(layer, x, lengths, 0)[0], _step(eager, x, lengths, 0)[0])
+    assert torch.equal(training_step(layer, x, lengths, 0)[0], training_step(eager, x, lengths, 0)[0])
     before = rerun_graphs.info().counts
     layer.cells[0].weight_hh = torch.nn.Parameter(layer.cells[0].weight_hh.detach() * 1.5)
-    _step(layer, x, lengths, 0)
+    training_step(layer, x, lengths, 0)
     after = rerun_graphs.info().counts
     assert after["eager_first"] == before["eager_first"] + 2  # the forward and the backward: new keys
 
@@ -122,7 +112,7 @@ def test_the_persistent_forward_is_never_captured_its_backward_is(rerun_graphs):
     eager = copy.deepcopy(layer)
     eager.backend, eager.cuda_graphs = "triton", False
     for x, lengths, seed in _calls(3):
-        got, want = _step(layer, x, lengths, seed), _step(eager, x, lengths, seed)
+        got, want = training_step(layer, x, lengths, seed), training_step(eager, x, lengths, seed)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     # skipped: the persistent forward's 3 calls and the eager layer's 3 forwards and 3 backwards
     assert rerun_graphs.info().counts == {"skipped_disabled": 9, "eager_first": 1, "captured": 1, "replayed": 2}
@@ -202,12 +192,69 @@ def test_limits_are_validated():
         hyperkern.set_cuda_graph_cache(max_bytes=1.5)
 
 
-def test_zero_entries_never_captures(rerun_graphs):
-    rerun_graphs.set_limits(max_entries=0)
+@pytest.mark.parametrize("limit", ["max_entries", "max_bytes"])
+def test_zero_limits_never_capture(rerun_graphs, limit):
+    rerun_graphs.set_limits(**{limit: 0})
     x = torch.arange(3.0)
     for _ in range(3):
         _toy(rerun_graphs, "k", x)
     assert rerun_graphs.info().counts == {"skipped_disabled": 3}
+
+
+def test_an_evicted_key_is_recaptured_after_enough_eager_calls():
+    """A key that keeps finding no room is captured again after RECAPTURE_AFTER eager calls (a
+    phase that fits the cache gets its graphs back; a larger working set recaptures seldom)."""
+    cache = graphs.GraphCache(max_entries=1, capturer=RerunCapture())
+    x = torch.arange(4.0)
+    for key in "aabb":  # a captured, then b captured: a evicted
+        _toy(cache, key, x)
+    for i in range(graphs.RECAPTURE_AFTER - 1):
+        assert torch.equal(_toy(cache, "a", x + i)[0], (x + i) * 2.0)
+    assert cache.info().counts["no_room"] == graphs.RECAPTURE_AFTER - 1 and list(cache._entries) == ["b"]
+    assert torch.equal(_toy(cache, "a", x)[0], x * 2.0)
+    assert list(cache._entries) == ["a"] and cache.info().counts["captured"] == 3
+
+
+class _FailingCapture(RerunCapture):
+    def capture(self, fn, inputs):
+        self.captures += 1
+        raise torch.OutOfMemoryError("no memory for the graph's pool")
+
+
+def test_a_failed_capture_warns_once_and_leaves_the_key_eager(monkeypatch):
+    monkeypatch.setattr(graphs, "_warned", False)
+    cache = graphs.GraphCache(capturer=_FailingCapture())
+    x = torch.arange(4.0)
+    with pytest.warns(RuntimeWarning, match="capturing .* failed .*OutOfMemoryError"):
+        outs = [_toy(cache, "k", x + i)[0] for i in range(4)]
+    assert [torch.equal(o, (x + i) * 2.0) for i, o in enumerate(outs)] == [True] * 4
+    assert cache.capturer.captures == 1  # never tried again
+    assert cache.info().counts == {"eager_first": 1, "capture_failed": 3} and cache.info().entries == 0
+
+
+@pytest.mark.parametrize("change", ["forget_bias", "ln_eps", "tf32"])
+def test_the_op_keys_every_scalar_it_bakes_in(rerun_graphs, change):
+    """Through the op: the same tensors with another forget bias, eps or TF32 flag are another key
+    (a first sighting, run eagerly), not a replay of the first call's graph."""
+    import dataclasses
+
+    from hyperkern.ops import precision
+    from hyperkern.ops.hyper_lstm import fused_triton
+
+    cell = _layer().cells[0]
+    x = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(3))
+    state = tuple(torch.zeros(2, n) for n in (7, 7, 5, 5))
+    with torch.no_grad():
+        for _ in range(2):  # first sighting, then captured and replayed
+            fused_triton.hyper_lstm_sequence(x, state, cell.params(), cell.cfg)
+        cfg = cell.cfg
+        if change == "tf32":
+            with precision.tf32_matmuls(True):
+                fused_triton.hyper_lstm_sequence(x, state, cell.params(), cfg)
+        else:
+            cfg = dataclasses.replace(cfg, **{change: getattr(cfg, change) * 2})
+            fused_triton.hyper_lstm_sequence(x, state, cell.params(), cfg)
+    assert rerun_graphs.info().counts == {"eager_first": 2, "captured": 1, "replayed": 1}
 
 
 @pytest.mark.parametrize("condition", ["opt_out", "outer_capture", "compiling"])
@@ -234,7 +281,7 @@ def test_the_real_capture_needs_cuda():
     """Without the stand-in, CPU tensors (the interpreter) never reach a CUDA graph."""
     cache = graphs.GraphCache()
     assert cache.skip_reason(True, torch.device("cpu")) == "device"
-    assert graphs.CACHE.capturer.supports(torch.device("cuda", 0))
+    assert not graphs.CudaGraphCapture().supports(torch.device("cpu"))
 
 
 def test_cuda_graphs_is_a_validated_setting():

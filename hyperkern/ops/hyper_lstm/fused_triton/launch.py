@@ -196,36 +196,21 @@ def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
     validated the same inputs already, e.g. while capturing a CUDA graph (:mod:`.graphs`)."""
     if check:
         _check_inputs(x, state, params, cfg, lengths, masks)
-    T, B, X = x.shape
-    H, Hh, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
-    dev, dtype = x.device, x.dtype
+    T, B, _ = x.shape
+    H, dev, dtype = cfg.hidden_size, x.device, x.dtype
     buf = _Buffers(dev, guard)
     plan = _ForwardPlan(x, params, cfg, lengths, masks, buf)
-    xp_all = plan.x_projection(x)
+    plan.x_projection(x)
     save = "states" if save == "states" else ("full" if save else False)
 
-    # ---- state rings (fp32): every step's state [T+1, B, *] kept for the backward, or 2 slots
-    f32 = _acc_dtype(dtype)  # state / scratch / statistics: fp32 (fp64 only for fp64 inputs)
-    slots = T + 1 if save else 2
-    ring = {n: buf.new(n, (slots, B, k_), f32) for n, k_ in (("H", H), ("C", H), ("HH", Hh), ("CH", Hh))}
-    # ---- P, G, Â, z: every step's [T, B, *] (kept unless recomputed) or one scratch (t-stride 0)
-    step_bufs = plan.step_buffers(buf, T if save == "full" else 1)
-    for n, src in zip(("H", "C", "HH", "CH"), state):
-        ring[n][0].copy_(src)
+    ring, step_bufs = plan.sequence_buffers(buf, state, save)
     out = _output(buf, out, T, B, H, dtype, dev)
 
     gates, cell = plan.bind(ring, ring, step_bufs, out)
     for t in range(T):
         gates(t)
         cell(t)
-
-    last = T % slots
-    final = tuple(ring[n][last].to(dtype).contiguous() for n in ("H", "C", "HH", "CH"))
-    if save:
-        buf.saved = dict(ring, lens=plan.lens, masks=masks)
-        if save == "full":
-            buf.saved.update(step_bufs, XP=xp_all)
-    return out, final, buf
+    return out, plan.finish(buf, ring, step_bufs, save, masks), buf
 
 
 def _output(buf: "_Buffers", out: Optional[Tensor], T: int, B: int, H: int, dtype, dev) -> Tensor:
@@ -248,6 +233,11 @@ def _ln_args(cfg: CellConfig, params: Dict[str, Tensor], buf: "_Buffers") -> Dic
     if not cfg.layer_norm:
         return {}
     return {arg: buf.new_flat(n, params[n]) for arg, n in zip(_LN_ARGS, _LN_NAMES)}
+
+
+def t_stride(step_buf: Tensor) -> int:
+    """The step stride a kernel is given for a ``[T', B, *]`` per-step buffer: 0 for one scratch."""
+    return step_buf.stride(0) if step_buf.shape[0] > 1 else 0
 
 
 class _ForwardPlan:
@@ -297,6 +287,29 @@ class _ForwardPlan:
             self.xp.copy_(xp_flat)
         return self.xp
 
+    def sequence_buffers(self, buf: "_Buffers", state, save) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+        """A forward call's state rings ``{"H", "C", "HH", "CH"}`` (fp32, slot 0 = ``state``): every
+        step's state ``[T+1, B, *]`` when ``save`` (kept for the backward), else 2 slots; and its
+        P, G, Â, z (:meth:`step_buffers`): every step's with ``save="full"``, else one scratch."""
+        T, B, H, Hh = self.T, self.B, self.H, self.Hh
+        f32 = _acc_dtype(self.dtype)  # state / scratch / statistics: fp32 (fp64 only for fp64 inputs)
+        slots = T + 1 if save else 2
+        ring = {n: buf.new(n, (slots, B, k_), f32) for n, k_ in (("H", H), ("C", H), ("HH", Hh), ("CH", Hh))}
+        for n, src in zip(("H", "C", "HH", "CH"), state):
+            ring[n][0].copy_(src)
+        return ring, self.step_buffers(buf, T if save == "full" else 1)
+
+    def finish(self, buf: "_Buffers", ring: Dict[str, Tensor], step_bufs: Dict[str, Tensor], save, masks):
+        """The call's final state (the ring's slot T, in x's dtype) and, when ``save``, what the
+        backward reads in ``buf.saved`` (:func:`run_backward`)."""
+        last = self.T % ring["H"].shape[0]
+        final = tuple(ring[n][last].to(self.dtype).contiguous() for n in ("H", "C", "HH", "CH"))
+        if save:
+            buf.saved = dict(ring, lens=self.lens, masks=masks)
+            if save == "full":
+                buf.saved.update(step_bufs, XP=self.xp)
+        return final
+
     def step_buffers(self, buf: "_Buffers", steps: int, prefix: str = "") -> Dict[str, Tensor]:
         """P, G, Â and z of ``steps`` steps, ``[steps, B, *]`` (``steps`` 1: one scratch that every
         step reuses); NaN in guard mode (anything read before written shows)."""
@@ -329,7 +342,7 @@ class _ForwardPlan:
             return ring[name].stride(0) if ring[name].shape[0] > 1 else 0
 
         P, G, AH, Z = (step_bufs[n] for n in ("P", "G", "AH", "Z"))
-        tstride = {n: (b_.stride(0) if b_.shape[0] > 1 else 0) for n, b_ in step_bufs.items()}
+        tstride = {n: t_stride(b_) for n, b_ in step_bufs.items()}
         xp_main, xp_hyper = self.xp[:, :, :4 * H], self.xp[:, :, 4 * H:]
         gates = StepLaunch(self.gates_launch, self.grid_gates, dict(
             h_ptr=prev["H"], hh_ptr=prev["HH"], slot_h=slot_stride(prev, "H"), slot_hh=slot_stride(prev, "HH"),

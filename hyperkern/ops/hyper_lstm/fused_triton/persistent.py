@@ -29,7 +29,7 @@ from hyperkern.kernels.common import cdiv
 from ..common import CellConfig, Lengths, Masks, register_sequence_autograd
 from . import configs
 from . import launch as per_step
-from .launch import _DTYPE_NAME, _acc_dtype, _Buffers, _check_inputs, _dot, _ForwardPlan, _output
+from .launch import _DTYPE_NAME, _Buffers, _check_inputs, _dot, _ForwardPlan, _output, t_stride
 from .op import call_sequence_op, fake_outputs, run_sequence_op
 
 # Polls of a grid sync before it gives up: at one L2 round trip (0.3-0.7 µs) per poll, 0.3-0.7 s — far
@@ -103,16 +103,10 @@ def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
     buf = _Buffers(dev, guard)
     plan = _ForwardPlan(x, params, cfg, lengths, masks, buf)
     xp_all = plan.x_projection(x)
-    f32 = _acc_dtype(dtype)
-
-    # state slots: every step's (kept for the backward) or two, step t reading slot t % n_slots
-    n_slots = T + 1 if save else 2
-    st = {n: buf.new(n, (n_slots, B, k_), f32) for n, k_ in (("H", H), ("C", H), ("HH", Hh), ("CH", Hh))}
-    for dst, src in zip(st.values(), state):
-        dst[0].copy_(src)
-    # P, G, Â, z of every step (kept for the backward), or one scratch re-used every step (step stride 0)
-    per_t = plan.step_buffers(buf, T if save == "full" else 1)
-    steps = {n: (v, v.stride(0) if save == "full" else 0, v.stride(1)) for n, v in per_t.items()}
+    # state slots (step t reads slot t % n_slots) and P, G, Â, z, as the per-step launcher has them
+    st, per_t = plan.sequence_buffers(buf, state, save)
+    n_slots = st["H"].shape[0]
+    steps = {n: (v, t_stride(v), v.stride(1)) for n, v in per_t.items()}
     out = _output(buf, out, T, B, H, dtype, dev)
     sync = torch.zeros(_SYNC_INT64S * 2, dtype=torch.int64, device=dev)
     counter, err = sync[:1], sync.view(torch.int32)[2 * _ERR_INT32:2 * _ERR_INT32 + 1]
@@ -157,17 +151,13 @@ def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
     info = {"grid": G, "n_sync": n_sync, "syncs_per_launch": 2 * T - 1, "work": work, "fell_back": why is not None}
     if why is not None:
         _warn_fallback(why)
-        res = per_step.run_sequence(x, state, params, cfg, lengths, masks, out=out, guard=guard, save=save)
+        res = per_step.run_sequence(x, state, params, cfg, lengths, masks, out=out, guard=guard, save=save,
+                                    check=False)  # (validated above or by the op: no host read of lengths)
         res[2].persistent = dict(info, reason=why)
         return res
 
-    final = tuple(s[T % n_slots].to(dtype).contiguous() for s in (Hs, Cs, HHs, CHs))
     buf.persistent = info
-    if save:
-        buf.saved = dict(st, lens=plan.lens, masks=masks)
-        if save == "full":
-            buf.saved.update(per_t, XP=xp_all)
-    return out, final, buf
+    return out, plan.finish(buf, st, per_t, save, masks), buf
 
 
 # --------------------------------------------------------------------------------------------
