@@ -71,10 +71,12 @@ def _grid_sync(sync_ptr, err_ptr, k, n_sync, max_spin, ok):
             count = tl.load(sync_ptr, volatile=True)
             failed = tl.load(err_ptr, volatile=True)
             spins += 1
+        if (count >= target) & (failed == 0):
+            # what the arrivals released is visible (and the SM's L1 invalidated). Its result is used:
+            # Triton 3.6 deletes an acquire add of 0 whose result is unused (no fence, no invalidation)
+            count = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
         done = (count >= target) & (failed == 0)
-        if done:
-            tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")  # what the arrivals released is visible
-        else:
+        if not done:
             tl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")  # stop every program; the host falls back
         tl.debug_barrier()  # every thread is ordered after the acquire
     return done
