@@ -549,17 +549,13 @@ def _outer_capture_rows() -> List[dict]:
     layer, x = _small_layer()
     with torch.no_grad():
         want, want_st = layer(x)
-    static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        for _ in range(2):
-            layer(static_x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        out, st = layer(static_x)
-    graph.replay()
+
+    def forward(inp):
+        with torch.no_grad():
+            return layer(inp)
+
+    replay, (out, st) = _user_graph(forward, x.clone())
+    replay(x)
     torch.cuda.synchronize()
     ok = torch.equal(out, want) and all(torch.equal(a, b) for a, b in zip(st, want_st))
     rows.append(dict(name="forward captured in a user's graph and replayed", ok=ok,
@@ -571,18 +567,14 @@ def _outer_capture_rows() -> List[dict]:
     out, _ = layer(x)
     out.backward(gout)
     want_grads = [p.grad.clone() for p in layer.parameters()]
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            layer.zero_grad(set_to_none=True)
-            o, _ = layer(static_x)
-            o.backward(gout)
-    torch.cuda.current_stream().wait_stream(s)
-    layer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o, _ = layer(static_x)
+
+    def train(inp):
+        layer.zero_grad(set_to_none=True)
+        o, _ = layer(inp)
         o.backward(gout)
-    graph.replay()
+
+    replay, _ = _user_graph(train, x.clone())
+    replay(x)
     torch.cuda.synchronize()
     ok = all(torch.equal(p.grad, w) for p, w in zip(layer.parameters(), want_grads))
     rows.append(dict(name="training step (forward + backward) captured in a user's graph and replayed", ok=ok,
@@ -801,7 +793,8 @@ def _time_shape(s, dtype, dt_name: str, T: int) -> dict:
 
 def _user_graph(step, static_in):
     """``step`` captured once in a user's own CUDA graph over ``static_in`` (after two warm-up runs
-    on a side stream); returns a function of an input that copies it in and replays."""
+    on a side stream). Returns ``(replay, outputs)``: ``replay(inp)`` copies ``inp`` in and replays;
+    ``outputs`` is what the captured ``step`` returned (rewritten by every replay)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -810,12 +803,12 @@ def _user_graph(step, static_in):
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step(static_in)
+        outputs = step(static_in)
 
-    def run(inp):
+    def replay(inp):
         static_in.copy_(inp)
         graph.replay()
-    return run
+    return replay, outputs
 
 
 def _time_persistent(row: dict, model, s, dt_name: str, T: int, xs, fwd, fwd_bwd) -> None:
@@ -840,7 +833,7 @@ def _time_persistent(row: dict, model, s, dt_name: str, T: int, xs, fwd, fwd_bwd
     row["pred_persist_us"] = pm.predict_persistent(replace(s, T=T), dt_name)["total_us"]
     row["persist_over_pred"] = row["persist_fwd_us"] / row["pred_persist_us"]
     try:  # last: a capture the driver refuses must not disturb the rows above
-        row["persist_fwd_graph_us"] = us(_cuda_time_ms(_user_graph(fwd(model), xs[0].clone()), xs))
+        row["persist_fwd_graph_us"] = us(_cuda_time_ms(_user_graph(fwd(model), xs[0].clone())[0], xs))
     except Exception as e:  # noqa: BLE001
         row["persist_graph_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
     row["persist_fell_back"] = persistent.fallbacks() > before
