@@ -8,8 +8,13 @@ in ``gpu-check`` (bitwise equality with the eager loop, host and device time per
 - the parameters are read in place (an optimizer step is seen; a new parameter is a new key);
 - keys: what makes a new graph and what does not; the cache's LRU eviction by count and bytes,
   the "too big" rule, the limits;
-- the skip conditions: ``cuda_graphs=False``, a non-CUDA device, an outer capture, compiling.
+- the skip conditions: ``cuda_graphs=False``, a non-CUDA device, an outer capture, compiling;
+- the cache is opt-in: ``cuda_graphs=False`` is the default of the layer, the cell and every
+  backend entry point (docs/cuda_graphs.md: until ``gpu-check`` shows it beats PyTorch's own
+  mechanisms on a GPU).
 """
+import inspect
+
 import copy
 
 import pytest
@@ -22,6 +27,7 @@ from hyperkern.testing import RerunCapture, randomize_, training_step
 
 
 def _layer(num_layers=1, **kw):
+    kw.setdefault("cuda_graphs", True)  # opt-in
     layer = HyperLSTM(3, 7, hyper_size=5, embed_size=2, num_layers=num_layers, backend="triton", **kw)
     randomize_(layer, torch.Generator().manual_seed(70))
     return layer
@@ -246,14 +252,14 @@ def test_the_op_keys_every_scalar_it_bakes_in(rerun_graphs, change):
     state = tuple(torch.zeros(2, n) for n in (7, 7, 5, 5))
     with torch.no_grad():
         for _ in range(2):  # first sighting, then captured and replayed
-            fused_triton.hyper_lstm_sequence(x, state, cell.params(), cell.cfg)
+            fused_triton.hyper_lstm_sequence(x, state, cell.params(), cell.cfg, cuda_graphs=True)
         cfg = cell.cfg
         if change == "tf32":
             with precision.tf32_matmuls(True):
-                fused_triton.hyper_lstm_sequence(x, state, cell.params(), cfg)
+                fused_triton.hyper_lstm_sequence(x, state, cell.params(), cfg, cuda_graphs=True)
         else:
             cfg = dataclasses.replace(cfg, **{change: getattr(cfg, change) * 2})
-            fused_triton.hyper_lstm_sequence(x, state, cell.params(), cfg)
+            fused_triton.hyper_lstm_sequence(x, state, cell.params(), cfg, cuda_graphs=True)
     assert rerun_graphs.info().counts == {"eager_first": 2, "captured": 1, "replayed": 1}
 
 
@@ -291,4 +297,24 @@ def test_cuda_graphs_is_a_validated_setting():
     assert all(c.cuda_graphs for c in layer.cells)
     with pytest.raises(ValueError, match="cuda_graphs"):
         layer.cuda_graphs = "yes"
-    assert HyperLSTM(3, 5).cuda_graphs is True  # the default
+
+
+
+def test_the_graph_cache_is_opt_in(rerun_graphs):
+    """``cuda_graphs=False`` is the default of the layer, the cell and every backend entry point:
+    without asking, no call is captured (docs/cuda_graphs.md: opt-in until gpu-check shows on a
+    GPU that it captures, replays bitwise and beats both of PyTorch's own mechanisms)."""
+    from hyperkern import HyperLSTMCell
+    from hyperkern.ops.hyper_lstm import fused_torch, fused_triton
+    from hyperkern.ops.hyper_lstm.fused_triton.persistent import hyper_lstm_sequence as persistent_entry
+
+    assert HyperLSTM(3, 5).cuda_graphs is False
+    assert HyperLSTMCell(3, 5).cuda_graphs is False
+    for entry in (fused_triton.hyper_lstm_sequence, persistent_entry, fused_torch.hyper_lstm_sequence):
+        assert inspect.signature(entry).parameters["cuda_graphs"].default is False, entry
+    layer = HyperLSTM(3, 7, hyper_size=5, embed_size=2, backend="triton")
+    randomize_(layer, torch.Generator().manual_seed(70))
+    x, lengths, _ = next(_calls(1))
+    for _ in range(3):
+        training_step(layer, x, lengths, 0)
+    assert rerun_graphs.info().counts == {"skipped_disabled": 6} and rerun_graphs.capturer.captures == 0

@@ -124,7 +124,7 @@ class _Launch:
 
 
 def _step_launch(monkeypatch, stream=7):
-    monkeypatch.setattr(launches, "_current_stream", lambda: stream)  # no GPU here
+    monkeypatch.setattr(launches, "_current_stream", lambda device=None: stream)  # no GPU here
     kernel = _Kernel()
     x = torch.arange(6.0)
     return kernel, x, launches.StepLaunch(_Launch(kernel), (3, 2), dict(x_ptr=x, n=6, t=0))

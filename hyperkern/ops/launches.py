@@ -1,5 +1,6 @@
 """One kernel launch's configuration as data (:class:`Launch`), shared by both ops' config tables,
-and a time loop's launches bound once per call (:class:`StepLaunch`).
+a time loop's launches bound once per call (:class:`StepLaunch`), and the device guard every op
+enters before it launches (:func:`device_guard`).
 
 A launcher asks its op's ``configs`` module for the :class:`Launch` of a call and launches with
 :meth:`Launch.kwargs` (keyword arguments only: a swapped pair of same-typed arguments cannot pass
@@ -8,7 +9,10 @@ produce (``all_launches()``) with the same constexprs, warps, stages and registe
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -63,6 +67,20 @@ class Launch:
         return " ".join(parts) + f" w{self.num_warps} s{self.num_stages}"
 
 
+def device_guard(*tensors):
+    """The op boundary's device guard (flash-linear-attention's ``input_guard``, Liger-Kernel's
+    device context): ``torch.cuda.device`` of the first CUDA tensor among ``tensors`` entered, so
+    that every Triton launch inside runs on the tensors' device and that device's current stream
+    (Triton's JIT launches on the *current* device's current stream), whichever device the caller
+    had current: a model on ``cuda:1`` while ``cuda:0`` is current. A no-op context for CPU
+    tensors (the interpreter). Every op entry and launcher of the Triton backends enters it, looked
+    up as ``launches.device_guard`` at each call (the tests count its entries by patching it)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 # After a StepLaunch's first launch (through Triton's JIT), call the compiled kernel's launcher
 # directly for the later steps. False: every step goes through the JIT (gpu-check compares both).
 BIND_COMPILED = True
@@ -96,7 +114,7 @@ class StepLaunch:
         compiled = self.kernel[self.grid](**self.kwargs)
         if not self._tried:
             self._tried = True
-            if BIND_COMPILED and compiled is not None:
+            if BIND_COMPILED and compiled is not None and bound_launches_verified():
                 self._bound = bind_compiled(self.kernel, compiled, self.grid, self.kwargs, self.step)
 
 
@@ -105,8 +123,11 @@ def bind_compiled(kernel, compiled, grid, kwargs: Dict[str, object], step: str) 
     through 3.9: ``run(grid x, y, z, stream, function, packed metadata, launch metadata, enter
     hook, exit hook, *every parameter in signature order)``, constexprs included and skipped by
     the launcher), on the current stream, the tensors' pointers bound as integers, no launch
-    metadata and no hooks (the JIT passes empty hook chains). None where that is not possible (an
-    unknown Triton, a launch hook installed): the caller keeps the JIT."""
+    metadata and no hooks (the JIT passes empty hook chains), on the current stream of the device
+    the tensors live on. None where that is not possible (a compiled kernel without these
+    attributes, a launch hook installed): the caller keeps the JIT. :class:`StepLaunch` binds only
+    on the Triton versions this argument order was checked against
+    (:func:`bound_launches_verified`)."""
     try:
         from triton import knobs
 
@@ -117,7 +138,7 @@ def bind_compiled(kernel, compiled, grid, kwargs: Dict[str, object], step: str) 
         names = list(kernel.arg_names)
         args = [kwargs[n] for n in names]
         index = names.index(step)
-        stream = _current_stream()
+        stream = _current_stream(_cuda_index(args))
     except (AttributeError, ImportError, KeyError, ValueError):
         return None
     args = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
@@ -130,11 +151,62 @@ def bind_compiled(kernel, compiled, grid, kwargs: Dict[str, object], step: str) 
     return launch
 
 
-def _current_stream():
-    """The stream Triton's JIT would launch on now (the current device's current stream)."""
+def _cuda_index(args) -> Optional[int]:
+    """The CUDA device index of the first CUDA tensor among ``args`` (None: no CUDA tensor)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+            return a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return None
+
+
+def _current_stream(device: Optional[int] = None):
+    """The current stream of CUDA device ``device`` (the tensors' device; None: the current
+    device), as Triton's JIT takes it for its launches."""
     from triton.runtime import driver
 
-    return driver.active.get_current_stream(driver.active.get_current_device())
+    return driver.active.get_current_stream(driver.active.get_current_device() if device is None else device)
+
+
+# The Triton versions (major, minor), inclusive, whose CompiledKernel.run takes the positional
+# arguments bind_compiled passes: read from Triton 3.6's and 3.9's sources (3.7, 3.8 between them).
+# Outside this range every step launches through the JIT (:func:`bound_launches_verified`).
+BOUND_TRITON_VERSIONS = ((3, 6), (3, 9))
+_bound_verdicts: Dict[str, Optional[str]] = {}
+
+
+def triton_version() -> str:
+    """The installed Triton's version (``hyperkern.ops.registry.TRITON_VERSION``, read once from
+    the package metadata; "" when not installed)."""
+    from .registry import TRITON_VERSION
+
+    return TRITON_VERSION
+
+
+def bound_launch_refusal(version: str) -> Optional[str]:
+    """Why launches are not bound on Triton ``version`` (None: they are)."""
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    (lo_ma, lo_mi), (hi_ma, hi_mi) = BOUND_TRITON_VERSIONS
+    if m is None:
+        return f"the Triton version {version!r} cannot be read"
+    if not (lo_ma, lo_mi) <= (int(m.group(1)), int(m.group(2))) <= (hi_ma, hi_mi):
+        return (f"Triton {version} is outside {lo_ma}.{lo_mi}-{hi_ma}.{hi_mi}, the versions whose compiled-kernel "
+                "launcher (CompiledKernel.run, a private API) the bound launches call positionally")
+    return None
+
+
+def bound_launches_verified() -> bool:
+    """Whether :class:`StepLaunch` may bind the compiled kernel's launcher on this Triton. Outside
+    :data:`BOUND_TRITON_VERSIONS` it warns once per version and every step goes through the JIT
+    (the same kernels and results; more host time per launch) instead of risking a launch with
+    its arguments in the wrong order."""
+    version = triton_version()
+    if version not in _bound_verdicts:
+        why = bound_launch_refusal(version)
+        _bound_verdicts[version] = why
+        if why is not None:
+            warnings.warn(f"hyperkern: {why}; every step launches through Triton's JIT instead (same results, "
+                          "more host time per launch)", RuntimeWarning, stacklevel=3)
+    return _bound_verdicts[version] is None
 
 
 def _hook_installed(hook) -> bool:

@@ -438,7 +438,7 @@ register_sequence_autograd(hyper_lstm_torch_op, torch.ops.hyperkern.hyper_lstm_t
 
 
 def hyper_lstm_sequence(x: Tensor, state, params, cfg: CellConfig, lengths: Lengths = None, masks: Masks = None,
-                        *, recompute: bool = False, cuda_graphs: bool = True):
+                        *, recompute: bool = False, cuda_graphs: bool = False):
     """Run one cell over ``x [T, B, X]`` (calling convention in ``common``): one call of the custom
     op ``hyperkern::hyper_lstm_torch``, which keeps what the backward needs only when a gradient
     is wanted (``recompute`` and ``cuda_graphs`` do not apply: this backend keeps pre-activations

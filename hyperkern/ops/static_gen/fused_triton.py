@@ -23,7 +23,7 @@ import torch
 
 from hyperkern.kernels.common import cdiv, interpreted
 
-from .. import precision
+from .. import launches, precision
 from . import configs
 from .common import TilePlan, cached_destinations
 
@@ -152,7 +152,7 @@ def _plan_of(z: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, kernel_si
 def static_gen_triton_op(z: torch.Tensor, w_in: torch.Tensor, b_in: Optional[torch.Tensor], w_out: torch.Tensor,
                          b_out: Optional[torch.Tensor], kernel_size: int, layers: List[int]) -> torch.Tensor:
     """The flat buffer of every generated weight (layout: :class:`TilePlan`), one launch."""
-    with torch.cuda.device_of(z):  # launch on the inputs' GPU (a no-op for CPU tensors)
+    with launches.device_guard(z):  # the inputs' device and its current stream (a no-op for CPU tensors)
         return forward_flat(z, w_in, b_in, w_out, b_out, _plan_of(z, w_in, w_out, kernel_size, layers))
 
 
@@ -166,7 +166,7 @@ def static_gen_triton_backward_op(dout: torch.Tensor, z: torch.Tensor, w_in: tor
                                   w_out: torch.Tensor, b_out: Optional[torch.Tensor], kernel_size: int,
                                   layers: List[int]) -> List[torch.Tensor]:
     """[dz, dw_in, dw_out] + [db_in if b_in] + [db_out if b_out]."""
-    with torch.cuda.device_of(z):
+    with launches.device_guard(z):
         dz, dw_in, db_in, dw_out, db_out = backward_flat(dout, z, w_in, b_in, w_out, b_out,
                                                          _plan_of(z, w_in, w_out, kernel_size, layers))
     return [dz, dw_in, dw_out] + [g for g in (db_in, db_out) if g is not None]

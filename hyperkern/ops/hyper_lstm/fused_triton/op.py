@@ -4,8 +4,12 @@ point, calling convention in ``..common``) and the two ``torch.library`` custom 
 The whole sequence is one call of ``hyperkern::hyper_lstm_triton`` (so ``torch.compile`` keeps it
 as one opaque node, no graph break); with gradients required the op also returns what the
 backward needs, and its registered autograd formula is ``hyperkern::hyper_lstm_triton_backward``
-(the fused BPTT of :func:`.launch.run_backward`). On CUDA each op replays its whole call from a
-CUDA graph where it can (:mod:`.graphs`; ``cuda_graphs=False`` runs the eager loop).
+(the fused BPTT of :func:`.launch.run_backward`). Each op's body runs inside the device guard
+(:func:`hyperkern.ops.launches.device_guard`: the tensors' device and its current stream). With
+``cuda_graphs=True`` (opt-in) each op replays its whole call from a CUDA graph where it can
+(:mod:`.graphs`); by default it runs the eager loop, which has no host synchronisation and no
+host read when ``lengths`` is None, so PyTorch's own mechanisms (``torch.cuda.graph``,
+``make_graphed_callables``, ``torch.compile(mode="reduce-overhead")``) can capture it.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from ..common import (NUM_PATHS, CellConfig, Lengths, Masks, cell_config, fake_sequence_grads, fake_sequence_outputs,
                       needs_grad, register_sequence_autograd)
+from ... import launches
 from ..dropout import masks_from_op, masks_to_op
 from . import graphs
 from .launch import _acc_dtype, _check_inputs, _dot, run_backward, run_sequence
@@ -23,7 +28,7 @@ from .launch import _acc_dtype, _check_inputs, _dot, run_backward, run_sequence
 
 def hyper_lstm_sequence(
     x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
-    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False, cuda_graphs: bool = True,
+    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False, cuda_graphs: bool = False,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Run one cell over ``x [T, B, X]`` with the fused Triton kernels (calling convention in ``common``).
 
@@ -32,7 +37,8 @@ def hyper_lstm_sequence(
     state: the backward then rebuilds XP with one GEMM and re-runs each step's forward kernels (2
     more launches per step, 4 in all) to get P, G, Â and z, giving bitwise the same gradients —
     and its registered backward is the fused BPTT (``hyperkern::hyper_lstm_triton_backward``).
-    ``cuda_graphs``: replay the forward and the backward from CUDA graphs where possible."""
+    ``cuda_graphs`` (opt-in): replay the forward and the backward from the layer's own CUDA graphs
+    where possible (:mod:`.graphs`)."""
     return call_sequence_op(torch.ops.hyperkern.hyper_lstm_triton, x, state, params, cfg, lengths, masks, recompute,
                             cuda_graphs)
 
@@ -85,25 +91,26 @@ def run_sequence_op(run, name: str, x, state, params, lengths, m_main, m_hyper, 
     """The body of the Triton sequence op ``name``: ``run`` (a forward launcher with
     :func:`.launch.run_sequence`'s signature) over the op's arguments, the whole call replayed
     from a CUDA graph where :mod:`.graphs` allows (``cuda_graphs``), and the op's outputs."""
-    cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
-    p = dict(zip(cfg.param_names(), params))
-    _check_inputs(x, state, p, cfg, lengths, masks_from_op(m_main, m_hyper, seed, p_drop))
-    mode = {0: False, 1: "full", 2: "states"}[int(save)]
-    names = SAVED_NAMES if save == 1 else SAVED_NAMES_STATES
+    with launches.device_guard(x):  # the tensors' device and its current stream, whatever is current
+        cfg = cell_config(x.shape[2], H, Hh, E, layer_norm, forget_bias, ln_eps)
+        p = dict(zip(cfg.param_names(), params))
+        _check_inputs(x, state, p, cfg, lengths, masks_from_op(m_main, m_hyper, seed, p_drop))
+        mode = {0: False, 1: "full", 2: "states"}[int(save)]
+        names = SAVED_NAMES if save == 1 else SAVED_NAMES_STATES
 
-    def forward(x, h0, c0, hh0, ch0, lens, m_main, m_hyper, seed) -> List[Tensor]:
-        masks = masks_from_op(m_main, m_hyper, seed, p_drop)
-        out, final, buf = run(x, (h0, c0, hh0, ch0), p, cfg, lens, masks, save=mode, check=False)
-        res = [out] + [f.clone() for f in final]  # never alias another output
-        if save:
-            res += [buf.saved[n] for n in names]
-        return res
+        def forward(x, h0, c0, hh0, ch0, lens, m_main, m_hyper, seed) -> List[Tensor]:
+            masks = masks_from_op(m_main, m_hyper, seed, p_drop)
+            out, final, buf = run(x, (h0, c0, hh0, ch0), p, cfg, lens, masks, save=mode, check=False)
+            res = [out] + [f.clone() for f in final]  # never alias another output
+            if save:
+                res += [buf.saved[n] for n in names]
+            return res
 
-    lens = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
-    inputs = [x, *state, lens, m_main, m_hyper, seed]
-    key = graphs.graph_key(name, (H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps), int(save),
-                                  float(p_drop)), inputs, params, x.device, _dot(x.dtype))
-    return graphs.CACHE.run(key, forward, inputs, enabled=cuda_graphs)
+        lens = None if lengths is None else lengths.to(device=x.device, dtype=torch.int32)
+        inputs = [x, *state, lens, m_main, m_hyper, seed]
+        key = graphs.graph_key(name, (H, Hh, E, bool(layer_norm), float(forget_bias), float(ln_eps), int(save),
+                                      float(p_drop)), inputs, params, x.device, _dot(x.dtype))
+        return graphs.CACHE.run(key, forward, inputs, enabled=cuda_graphs)
 
 
 def fake_outputs(x, H, Hh, E, save) -> List[Tensor]:
@@ -147,7 +154,8 @@ def hyper_lstm_triton_backward_op(
     key = graphs.graph_key("hyper_lstm_triton_backward", (H, Hh, E, bool(layer_norm), float(forget_bias),
                                                           float(ln_eps), float(p_drop)),
                            inputs, params, x.device, _dot(x.dtype))
-    return graphs.CACHE.run(key, backward, inputs, enabled=cuda_graphs)
+    with launches.device_guard(x):
+        return graphs.CACHE.run(key, backward, inputs, enabled=cuda_graphs)
 
 
 @hyper_lstm_triton_backward_op.register_fake

@@ -146,7 +146,9 @@ def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
             raise
         why = f"could not be launched ({str(e).splitlines()[0][:120]})"
     if why is None and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        if int(err.item()):  # the one host read of the call
+        # the one host read of the call, by design (a device sync): why this backend is explicit
+        # only, never picked by "auto", and cannot be captured by the layer (docs/persistent.md)
+        if int(err.item()):
             why = "gave up waiting at a grid sync (a program never arrived)"
     info = {"grid": G, "n_sync": n_sync, "syncs_per_launch": 2 * T - 1, "work": work, "fell_back": why is not None}
     if why is not None:
@@ -166,7 +168,7 @@ def run_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
 
 def hyper_lstm_sequence(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
                         lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False,
-                        cuda_graphs: bool = True):
+                        cuda_graphs: bool = False):
     """Run one cell over ``x [T, B, X]`` with the persistent forward (calling convention in
     ``..common``): one call of ``hyperkern::hyper_lstm_triton_persistent``, whose backward is the
     per-step Triton BPTT (``hyperkern::hyper_lstm_triton_backward``; ``recompute`` and
