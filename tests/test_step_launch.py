@@ -173,3 +173,55 @@ def test_interpreted_kernels_are_never_bound(monkeypatch):
     with torch.no_grad():
         hyper_lstm_sequence(x.float(), tuple(s.float() for s in st), p, cfg)
     assert [kw["t"] for _, kw in calls] == [0, 1, 2]
+
+
+# --- the bound launcher only on the Triton versions it was written for -----------------------
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.7.1", "3.8.0", "3.9.0", "3.9.2+git1a2b3c"])
+def test_launches_are_bound_on_the_verified_triton_versions(monkeypatch, version):
+    from hyperkern.ops import registry
+
+    monkeypatch.setattr(registry, "TRITON_VERSION", version)
+    monkeypatch.setattr(launches, "_bound_verdicts", {})
+    kernel, _, step = _step_launch(monkeypatch)
+    for t in range(3):
+        step(t)
+    assert len(kernel.jit_launches) == 1 and len(kernel.compiled.launches) == 2
+
+
+@pytest.mark.parametrize("version", ["3.5.1", "3.10.0", "4.0.0", "", "nightly"])
+def test_other_triton_versions_launch_through_the_jit_and_warn_once(monkeypatch, version):
+    """``CompiledKernel.run`` is private: its positional order was read from Triton 3.6 and 3.9.
+    On any other version (or one that cannot be read) every step goes through the JIT, and one
+    warning says why."""
+    from hyperkern.ops import registry
+
+    monkeypatch.setattr(registry, "TRITON_VERSION", version)
+    monkeypatch.setattr(launches, "_bound_verdicts", {})
+    with pytest.warns(RuntimeWarning, match="launches through Triton's JIT") as warned:
+        for _ in range(2):  # two calls: one warning
+            kernel, _, step = _step_launch(monkeypatch)
+            for t in range(3):
+                step(t)
+            assert [kw["t"] for _, kw in kernel.jit_launches] == [0, 1, 2] and kernel.compiled.launches == []
+    assert len(warned) == 1
+    assert launches.bound_launch_refusal(version) is not None and not launches.bound_launches_verified()
+
+
+def test_bound_launches_take_the_stream_of_the_tensors_device(monkeypatch):
+    """The stream handed to the compiled launcher is the current stream of the device the
+    tensors are on (here a stand-in tensor on cuda:1), not the current device's."""
+    asked = []
+    monkeypatch.setattr(launches, "_current_stream", lambda device=None: asked.append(device) or 70 + (device or 0))
+
+    class _OnCuda1(torch.Tensor):  # a CPU tensor that says it is on cuda:1 (no GPU here)
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    kernel = _Kernel()
+    x = torch.arange(6.0).as_subclass(_OnCuda1)
+    step = launches.StepLaunch(_Launch(kernel), (3, 2), dict(x_ptr=x, n=6, t=0))
+    step(0)
+    step(1)
+    assert asked == [1] and kernel.compiled.launches[0][3] == 71
