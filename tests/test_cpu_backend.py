@@ -156,8 +156,8 @@ class _FakeClock:
 @pytest.fixture
 def fake_gemm(monkeypatch):
     """The chooser with fresh caches, all three variants offered and a fake clock."""
-    clock = _FakeClock(apply_cost={"mm": 10.0, "mkl": 5.0, "onednn": 4.0},
-                       pack_cost={"mm": 0.0, "mkl": 100.0, "onednn": 1000.0})
+    clock = _FakeClock(apply_cost={"mm": 10.0, "mkl": 5.0, "onednn": 4.0, "dot": 12.0},
+                       pack_cost={"mm": 0.0, "mkl": 100.0, "onednn": 1000.0, "dot": 0.0})
     monkeypatch.setattr(gemm, "_measured", {})
     monkeypatch.setattr(gemm, "_chosen", {})
     monkeypatch.setattr(gemm, "timer", clock.now)
@@ -172,7 +172,7 @@ def test_gemm_choice_is_the_cheapest_pack_plus_uses_times_apply(fake_gemm, uses,
     # costs per call: mm 10·uses; mkl 100 + 5·uses; onednn 1000 + 4·uses
     assert gemm.choose(8, 12, 6, F32, uses) == want
     times = gemm.measure(8, 12, 6, F32)
-    assert times == {"mm": (0.0, 10.0), "mkl": (100.0, 5.0), "onednn": (1000.0, 4.0)}
+    assert times == {"mm": (0.0, 10.0), "mkl": (100.0, 5.0), "onednn": (1000.0, 4.0), "dot": (0.0, 12.0)}
     cost = {v: p + uses * a for v, (p, a) in times.items()}
     assert cost[want] <= cost["mm"]  # never slower than plain mm
     assert "-> " + want in gemm.format_choices()
@@ -348,7 +348,7 @@ def test_torch_compile_fullgraph_through_the_module_once_the_backend_is_loaded()
 
     op.get_backend("torch")
     torch._dynamo.reset()
-    m = HyperLSTM(X, H, Hh, E, num_layers=2, backend="torch")
+    m = HyperLSTM(X, H, hyper_size=Hh, embed_size=E, num_layers=2, backend="torch")
     x = torch.randn(T, B, X)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     out, st = compiled(x)

@@ -32,8 +32,96 @@ using at::Tensor;
 // GEMM: y = x @ W^T with the variant hyperkern/ops/hyper_lstm/cpu/gemm.py measured fastest.
 // ---------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// "dot": y = x @ W^T as one dot product per output (W [N, K] row-major as it is, nothing packed).
+// At a batch of a few rows the product is a read of W (a GEMV): bandwidth-bound, and W stays in
+// the last-level cache from step to step. 4 rows of W x 2 rows of x at a time (8 accumulator
+// chains, each W vector used twice from registers). Every output is the same fixed sequence of
+// operations whatever block, thread or split computes it: bitwise repeatable at any thread count.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+using VecT = at::vec::Vectorized<T>;
+
+template <typename T, int R, int MB>
+inline void dot_block(const T* x, int64_t ldx, const T* W, int64_t K, T* y, int64_t ldy) {
+  constexpr int64_t L = VecT<T>::size();
+  VecT<T> acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = VecT<T>(T(0));
+  int64_t k = 0;
+  for (; k + L <= K; k += L) {
+    VecT<T> xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = VecT<T>::loadu(x + m * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const VecT<T> w = VecT<T>::loadu(W + r * K + k);
+      for (int m = 0; m < MB; ++m) acc[r][m] = at::vec::fmadd(w, xv[m], acc[r][m]);
+    }
+  }
+  if (k < K) {  // the tail: lanes past K load as 0
+    VecT<T> xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = VecT<T>::loadu(x + m * ldx + k, K - k);
+    for (int r = 0; r < R; ++r) {
+      const VecT<T> w = VecT<T>::loadu(W + r * K + k, K - k);
+      for (int m = 0; m < MB; ++m) acc[r][m] = at::vec::fmadd(w, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m)
+      y[m * ldy + r] = at::vec::vec_reduce_all<T>([](const VecT<T>& a, const VecT<T>& b) { return a + b; }, acc[r][m]);
+}
+
+// rows [n0, n1) of y [M, ldy] = x [M, K] (row stride ldx) @ W[N, K]^T
+template <typename T>
+void dot_rows(const T* x, int64_t ldx, int64_t M, const T* W, int64_t K, T* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) dot_block<T, 4, 2>(x + m * ldx, ldx, W + n * K, K, y + m * ldy + n, ldy);
+    for (; n < n1; ++n) dot_block<T, 1, 2>(x + m * ldx, ldx, W + n * K, K, y + m * ldy + n, ldy);
+  }
+  if (m < M) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) dot_block<T, 4, 1>(x + m * ldx, ldx, W + n * K, K, y + m * ldy + n, ldy);
+    for (; n < n1; ++n) dot_block<T, 1, 1>(x + m * ldx, ldx, W + n * K, K, y + m * ldy + n, ldy);
+  }
+}
+
+// One product of a pair: y [M, N] = x [M, K] @ W [N, K]^T (x's rows may be strided)
+struct DotJob {
+  Tensor x, W, y;
+};
+
+// Both products of a step in ONE parallel region (one fork/join per step, the rows of both
+// weights split evenly over the threads by bytes of W read)
+inline void dot_jobs(const std::vector<DotJob>& jobs) {
+  int64_t total = 0;
+  std::vector<int64_t> start;
+  for (const auto& j : jobs) {
+    start.push_back(total);
+    total += j.W.size(0) * j.W.size(1);  // work ~ elements of W
+  }
+  if (total == 0) return;
+  const int64_t units = 1024;  // the work split into units of ~total/1024 elements
+  AT_DISPATCH_FLOATING_TYPES(jobs[0].W.scalar_type(), "hyper_lstm_dot", [&] {
+    at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
+      const int64_t e0 = total * u0 / units, e1 = total * u1 / units;
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        const auto& j = jobs[i];
+        const int64_t K = j.W.size(1), N = j.W.size(0);
+        // rows of this job whose first element falls in [e0, e1)
+        const int64_t r0 = std::min(N, std::max<int64_t>(0, (e0 - start[i] + K - 1) / K));
+        const int64_t r1 = std::min(N, std::max<int64_t>(0, (e1 - start[i] + K - 1) / K));
+        if (r0 < r1)
+          dot_rows<scalar_t>(j.x.data_ptr<scalar_t>(), j.x.stride(0), j.x.size(0), j.W.data_ptr<scalar_t>(), K,
+                             j.y.data_ptr<scalar_t>(), j.y.stride(0), r0, r1);
+      }
+    });
+  });
+}
+
 struct Gemm {
-  int64_t kind;   // 0: plain mm, 1: MKL-packed, 2: oneDNN-prepacked
+  int64_t kind;   // 0: plain mm, 1: MKL-packed, 2: oneDNN-prepacked, 3: dot (see dot_rows)
   Tensor w;       // [out, in], the weight as it is
   Tensor packed;  // the packed weight (kinds 1 and 2)
   int64_t batch;  // the batch size it was packed for (kind 1's argument)
@@ -53,6 +141,11 @@ struct Gemm {
                               c10::IValue(c10::List<std::optional<c10::Scalar>>()), c10::IValue(std::string(""))};
       op.callBoxed(&stack);
       return stack[0].toTensor();
+    }
+    if (kind == 3) {
+      TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous() && out.stride(1) == 1, "dot: dense rows expected");
+      dot_jobs({DotJob{x, w, out}});
+      return out;
     }
     return at::mm_out(out, x, w.t());
   }
@@ -310,8 +403,14 @@ void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
       CH[t + 1].narrow(0, n, B - n).copy_(CH[t].narrow(0, n, B - n));
     }
     Tensor hs = HS[t].narrow(0, 0, n);
-    Tensor gh = g_rec(hs, gh_buf.narrow(0, 0, n)).contiguous();                    // [h|ĥ] @ W_rec^T
-    Tensor wh = g_hh(h_buf.narrow(0, 0, n), wh_buf.narrow(0, 0, n)).contiguous();  // h @ W_hh^T
+    Tensor gh, wh;
+    if (g_rec.kind == 3 && g_hh.kind == 3) {  // both "dot": one parallel region for the two
+      gh = gh_buf.narrow(0, 0, n), wh = wh_buf.narrow(0, 0, n);
+      dot_jobs({DotJob{hs, g_rec.w, gh}, DotJob{h_buf.narrow(0, 0, n), g_hh.w, wh}});
+    } else {
+      gh = g_rec(hs, gh_buf.narrow(0, 0, n)).contiguous();                    // [h|ĥ] @ W_rec^T
+      wh = g_hh(h_buf.narrow(0, 0, n), wh_buf.narrow(0, 0, n)).contiguous();  // h @ W_hh^T
+    }
     const T *gh_p = gh.data_ptr<T>(), *wh_p = wh.data_ptr<T>(), *xp = XP[t].data_ptr<T>();
     T *hs1 = HS[t + 1].data_ptr<T>(), *c0 = C[t].data_ptr<T>(), *c1 = C[t + 1].data_ptr<T>();
     T *ch0 = CH[t].data_ptr<T>(), *ch1 = CH[t + 1].data_ptr<T>(), *a = A[t].data_ptr<T>(), *ah = AH[t].data_ptr<T>();
@@ -532,8 +631,14 @@ void backward_impl(const Tensor& XP, const Tensor& C, const Tensor& CH, const Te
     });
     }
     // ---- d h_{t-1} = (d_h ⊙ da) W_hh + dâ W_rec[:, :H];  d ĥ_{t-1} = dâ W_rec[:, H:] ------------
-    Tensor dhs = g_rec_t(DAH.narrow(0, 0, n), dhs_buf.narrow(0, 0, n));
-    Tensor dhp = g_hh_t(DWH[t].narrow(0, 0, n), dh_buf.narrow(0, 0, n));
+    Tensor dhs, dhp;
+    if (g_rec_t.kind == 3 && g_hh_t.kind == 3) {  // both "dot": one parallel region
+      dhs = dhs_buf.narrow(0, 0, n), dhp = dh_buf.narrow(0, 0, n);
+      dot_jobs({DotJob{DAH.narrow(0, 0, n), g_rec_t.w, dhs}, DotJob{DWH[t].narrow(0, 0, n), g_hh_t.w, dhp}});
+    } else {
+      dhs = g_rec_t(DAH.narrow(0, 0, n), dhs_buf.narrow(0, 0, n));
+      dhp = g_hh_t(DWH[t].narrow(0, 0, n), dh_buf.narrow(0, 0, n));
+    }
     dh_c.narrow(0, 0, n).copy_(dhp).add_(dhs.narrow(1, 0, H));
     dhh_c.narrow(0, 0, n).copy_(dhs.narrow(1, H, K));
   }
@@ -571,4 +676,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", [](const GemmArg& g, const Tensor& x) {
     return make_gemm(g)(x, at::empty({x.size(0), std::get<1>(g).size(0)}, x.options()));
   }, "x @ W^T through the loop's own Gemm (tests check every variant against mm)");
+  m.def("dot_pair", [](const Tensor& x1, const Tensor& w1, const Tensor& x2, const Tensor& w2) {
+    Tensor y1 = at::empty({x1.size(0), w1.size(0)}, x1.options()), y2 = at::empty({x2.size(0), w2.size(0)}, x2.options());
+    dot_jobs({DotJob{x1, w1.contiguous(), y1}, DotJob{x2, w2.contiguous(), y2}});
+    return std::make_tuple(y1, y2);
+  }, "(x1 @ w1^T, x2 @ w2^T) in one parallel region, as the loop runs two \"dot\" products of a step");
 }
