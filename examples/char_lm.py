@@ -241,7 +241,7 @@ class CharLM(nn.Module):
         self.kind = kind
         self.embedding = nn.Embedding(VOCAB, emb_dim)
         if kind == "hyper":
-            self.rnn = HyperLSTM(emb_dim, hidden, hyper_size, embed_size, layer_norm=layer_norm, backend=backend)
+            self.rnn = HyperLSTM(emb_dim, hidden, hyper_size=hyper_size, embed_size=embed_size, layer_norm=layer_norm, backend=backend)
         else:
             self.rnn = nn.LSTM(emb_dim, hidden)
         self.head = nn.Linear(hidden, VOCAB)

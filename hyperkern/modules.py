@@ -6,6 +6,8 @@ inter-layer dropout and recurrent-dropout masks. The maths lives in ``hyperkern.
 """
 from __future__ import annotations
 
+import numbers
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .ops import hyper_lstm as op
+from .ops.precision import autocast_dtype
 from .ops.hyper_lstm.common import NUM_SCALED_PATHS, CellConfig, HyperLSTMState, Masks, check_state
 from .ops.hyper_lstm.dropout import DropoutSeed
 
@@ -54,18 +57,24 @@ _SEEDED_DOC = ("How training-mode recurrent dropout is drawn. None (default): fr
 _RECOMPUTE_DOC = ("Training memory (the Triton backend): keep only every step's state between forward and "
                   "backward and recompute the rest there (2 more launches per step; bitwise the same gradients). "
                   "Default False. The other backends ignore it.")
-_CUDA_GRAPHS_DOC = ("On a GPU (the Triton backend): replay each whole forward and backward call from a CUDA graph, "
-                    "captured the second time a call with the same shapes, dtype, flags and parameters is seen "
-                    "(bitwise the eager results; skipped inside an outer graph capture and while torch.compile "
-                    "traces; cache bounds: hyperkern.set_cuda_graph_cache). Default True. False: the eager loop, "
-                    "2 launches per step. The other backends ignore it.")
+_CUDA_GRAPHS_DOC = ("Opt-in, not yet verified on a GPU (the Triton backend): replay each whole forward and backward "
+                    "call from a CUDA graph of the layer's own cache, captured the second time a call with the same "
+                    "shapes, dtype, flags and parameters is seen (skipped inside an outer graph capture and while "
+                    "torch.compile traces; cache bounds: hyperkern.set_cuda_graph_cache). Default False: the eager "
+                    "loop, 2 launches per step, which torch.compile(mode='reduce-overhead') and "
+                    "torch.cuda.make_graphed_callables can capture. The other backends ignore it.")
 
 
 class HyperLSTMCell(_BackendAttr, nn.Module):
-    """One HyperLSTM cell (SPEC §1). ``forward(x, state=None) -> (h, state)`` runs one step.
+    """One HyperLSTM cell (SPEC §1), with ``nn.LSTMCell``'s signature:
+    ``HyperLSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, hyper_size=128,
+    embed_size=4, ...)``; every HyperLSTM-specific argument is keyword-only.
 
-    ``x`` is ``[B, input_size]`` (or ``[input_size]`` unbatched); ``state`` is a
-    :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` of ``[B, *]`` tensors, zeros if omitted.
+    ``forward(input, hx=None) -> (h, state)`` runs one step. ``input`` is ``[B, input_size]`` (or
+    ``[input_size]`` unbatched); ``hx`` is a :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)``, or
+    ``nn.LSTMCell``'s ``(h_0, c_0)`` (the hyper state then starts at zeros), or None (zeros).
+    Unlike ``nn.LSTMCell`` it returns ``(h, state)``: the new state has four fields, and feeding
+    it back (``cell(x, state)``) carries the hyper state too.
 
     ``seeded_dropout``, ``recompute`` and ``cuda_graphs``: settable attributes (also constructor
     arguments), see their docs (:data:`_SEEDED_DOC`, :data:`_RECOMPUTE_DOC`, :data:`_CUDA_GRAPHS_DOC`).
@@ -73,18 +82,18 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
 
     seeded_dropout = _cell_setting("seeded_dropout", True, _SEEDED_DOC, default=None)
     recompute = _cell_setting("recompute", False, _RECOMPUTE_DOC)
-    cuda_graphs = _cell_setting("cuda_graphs", False, _CUDA_GRAPHS_DOC, default=True)
+    cuda_graphs = _cell_setting("cuda_graphs", False, _CUDA_GRAPHS_DOC)
 
-    def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
-                 layer_norm: bool = True, forget_bias: float = 1.0, ln_eps: float = 1e-3,
-                 recurrent_dropout: float = 0.0, init: str = "supercell", backend: str = "auto",
-                 device=None, dtype=None, seeded_dropout: Optional[bool] = None, recompute: bool = False,
-                 cuda_graphs: bool = True):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 hyper_size: int = 128, embed_size: int = 4, layer_norm: bool = True, forget_bias: float = 1.0,
+                 ln_eps: float = 1e-3, recurrent_dropout: float = 0.0, init: str = "supercell",
+                 backend: str = "auto", seeded_dropout: Optional[bool] = None, recompute: bool = False,
+                 cuda_graphs: bool = False):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("hyper_size", hyper_size), ("embed_size", embed_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            _check_size(name, v)
+        _check_bias(bias, "HyperLSTMCell(input_size, hidden_size, bias, device, dtype, *, hyper_size=..., embed_size=...)")
         if not 0.0 <= recurrent_dropout < 1.0:
             raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout!r}")
         self.cfg = CellConfig(input_size, hidden_size, hyper_size, embed_size, bool(layer_norm),
@@ -96,6 +105,12 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
         for name, shape in self.cfg.param_shapes().items():
             setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
         self.reset_parameters(init)
+
+    @classmethod
+    def from_config(cls, cfg: CellConfig, **kwargs) -> "HyperLSTMCell":
+        """A cell of ``cfg``'s sizes and settings (``kwargs``: the other constructor arguments)."""
+        return cls(cfg.input_size, cfg.hidden_size, hyper_size=cfg.hyper_size, embed_size=cfg.embed_size,
+                   layer_norm=cfg.layer_norm, forget_bias=cfg.forget_bias, ln_eps=cfg.ln_eps, **kwargs)
 
     # --- SPEC §1 initialisation ------------------------------------------------------------
     @torch.no_grad()
@@ -158,68 +173,86 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
         return draw(self.cfg.hidden_size), draw(self.cfg.hyper_size)
 
     def run(self, x: Tensor, state, lengths=None, backend: Optional[str] = None):
-        """Run over ``x [T, B, X]`` in time order (the op's calling convention, no validation)."""
-        name = op.resolve_backend(backend or self.backend, x.device, x.dtype, torch.is_grad_enabled(),
-                                  embed_size=self.cfg.embed_size)
+        """Run over ``x [T, B, X]`` in time order (the op's calling convention, no validation).
+        The backend is resolved for the dtype the call computes in (:func:`_compute_dtype`)."""
+        name = op.resolve_backend(backend or self.backend, x.device, _compute_dtype(x, self.weight_ih),
+                                  torch.is_grad_enabled(), embed_size=self.cfg.embed_size)
         masks = self.dropout_masks(x.shape[0], x.shape[1], x, name)
         return op.get_backend(name)(x, tuple(state), self.params(), self.cfg, lengths, masks, recompute=self.recompute,
                                     cuda_graphs=self.cuda_graphs)
 
-    def forward(self, x: Tensor, state=None) -> Tuple[Tensor, HyperLSTMState]:
-        _check_tensor("x", x, self.weight_ih)
-        unbatched = x.dim() == 1
-        if x.dim() not in (1, 2):
-            raise ValueError(f"x must be [batch, input_size] or [input_size], got shape {tuple(x.shape)}")
-        if unbatched:
-            x = x.unsqueeze(0)
-        _check_features("x", x, self.cfg.input_size)
-        B = x.shape[0]
-        sizes = _state_sizes(self.cfg)
-        if state is None:
-            state = tuple(x.new_zeros(B, n) for n in sizes)
-        else:
-            state = check_state(state, [(B, n) for n in sizes] if not unbatched else [(n,) for n in sizes], x.device,
-                                "state", x.dtype)
-            if unbatched:
-                state = tuple(s.unsqueeze(0) for s in state)
+    def forward(self, input: Tensor, hx=None) -> Tuple[Tensor, HyperLSTMState]:
+        _check_tensor("input", input, self.weight_ih)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"input must be [batch, input_size] or [input_size], got shape {tuple(input.shape)}")
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        _check_features("input", x, self.cfg.input_size)
+        state = _initial_state(hx, x, self.cfg, (), unbatched, "HyperLSTMCell")
         _, new = self.run(x.unsqueeze(0), state)
         new = HyperLSTMState(*(s.squeeze(0) for s in new)) if unbatched else HyperLSTMState(*new)
         return new.h, new
 
+    def flatten_parameters(self) -> None:
+        """A no-op, for code written for ``nn.LSTM`` (the parameters are never flattened)."""
+
 
 class HyperLSTM(_BackendAttr, nn.Module):
-    """A stack of HyperLSTM cells shaped like ``nn.LSTM``.
+    """A stack of HyperLSTM cells with ``nn.LSTM``'s signature:
+    ``HyperLSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None, *, hyper_size=128, embed_size=4, ...)``;
+    every HyperLSTM-specific argument is keyword-only. ``bias=False`` and ``proj_size > 0`` raise
+    ``ValueError`` (SPEC's cell always has its biases and no projection).
 
-    ``forward(input, state=None, lengths=None) -> (output, state)``:
+    ``forward(input, hx=None, *, lengths=None) -> (output, state)``:
 
     - ``input``: ``[T, B, input_size]`` (``[B, T, input_size]`` with ``batch_first``), an
       unbatched ``[T, input_size]``, or a ``PackedSequence`` (the output is then packed too).
-    - ``state``: :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` (a plain 4-tuple is accepted),
-      each ``[num_layers * num_directions, B, hidden_size or hyper_size]``; zeros if omitted.
+    - ``hx``: a :class:`HyperLSTMState` ``(h, c, h_hat, c_hat)`` (a plain 4-tuple is accepted),
+      each ``[num_layers * num_directions, B, hidden_size or hyper_size]``; or ``nn.LSTM``'s
+      ``(h_0, c_0)``, each ``[num_layers * num_directions, B, hidden_size]``, and the hyper state
+      starts at zeros; or None (zeros).
     - ``lengths``: optional ``[B]`` valid lengths for a padded ``input`` (an alternative to packing).
     - ``output``: ``[T, B, num_directions * hidden_size]``; zero past each sequence's end.
+    - ``state``: a :class:`HyperLSTMState` of four fields, so ``out, (h, c) = rnn(x)`` does not
+      unpack: write ``out, state = rnn(x)`` and read ``state.h``, ``state.c`` (``h_n``, ``c_n``).
 
-    ``seeded_dropout``, ``recompute`` and ``cuda_graphs`` (constructor arguments and attributes;
+    Inside ``torch.autocast`` it computes as ``nn.LSTM`` does there: on CUDA in the autocast dtype
+    (16-bit operands, fp32 accumulation and state; output in that dtype), on CPU in the parameters'
+    dtype whatever the input's (output in the parameters' dtype) — :func:`~.ops.precision.autocast_dtype`.
+
+    ``seeded_dropout``, ``recompute`` and ``cuda_graphs`` (keyword arguments and attributes;
     setting one sets every cell): see :class:`HyperLSTMCell`.
     """
 
     seeded_dropout = _cell_setting("seeded_dropout", True, _SEEDED_DOC, default=None)
     recompute = _cell_setting("recompute", False, _RECOMPUTE_DOC)
-    cuda_graphs = _cell_setting("cuda_graphs", False, _CUDA_GRAPHS_DOC, default=True)
+    cuda_graphs = _cell_setting("cuda_graphs", False, _CUDA_GRAPHS_DOC)
 
-    def __init__(self, input_size: int, hidden_size: int, hyper_size: int = 128, embed_size: int = 4,
-                 num_layers: int = 1, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, layer_norm: bool = True, forget_bias: float = 1.0,
-                 ln_eps: float = 1e-3, recurrent_dropout: float = 0.0, backend: str = "auto",
-                 device=None, dtype=None, seeded_dropout: Optional[bool] = None, recompute: bool = False,
-                 cuda_graphs: bool = True):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, hyper_size: int = 128, embed_size: int = 4, layer_norm: bool = True,
+                 forget_bias: float = 1.0, ln_eps: float = 1e-3, recurrent_dropout: float = 0.0,
+                 backend: str = "auto", seeded_dropout: Optional[bool] = None, recompute: bool = False,
+                 cuda_graphs: bool = False):
         super().__init__()
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout!r}")
+        _check_size("num_layers", num_layers)
+        _check_bias(bias, "HyperLSTM(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, "
+                          "proj_size, device, dtype, *, hyper_size=..., embed_size=...)")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+            raise ValueError(f"proj_size must be a non-negative int, got {proj_size!r}")
+        if proj_size > 0:
+            raise ValueError(f"proj_size={proj_size} is not supported: a HyperLSTM has no output projection "
+                             "(SPEC §1); use proj_size=0 and a separate nn.Linear on the output")
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                          stacklevel=2)
         self.input_size, self.hidden_size, self.hyper_size = input_size, hidden_size, hyper_size
         self.embed_size, self.num_layers = embed_size, num_layers
+        self.bias, self.proj_size = True, 0
         self.batch_first, self.dropout, self.bidirectional = bool(batch_first), float(dropout), bool(bidirectional)
         self.num_directions = 2 if bidirectional else 1
         self.backend = backend
@@ -227,19 +260,24 @@ class HyperLSTM(_BackendAttr, nn.Module):
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else hidden_size * self.num_directions
             for _ in range(self.num_directions):
-                cells.append(HyperLSTMCell(layer_in, hidden_size, hyper_size, embed_size, layer_norm,
-                                           forget_bias, ln_eps, recurrent_dropout, device=device, dtype=dtype,
+                cells.append(HyperLSTMCell(layer_in, hidden_size, device=device, dtype=dtype, hyper_size=hyper_size,
+                                           embed_size=embed_size, layer_norm=layer_norm, forget_bias=forget_bias,
+                                           ln_eps=ln_eps, recurrent_dropout=recurrent_dropout,
                                            seeded_dropout=seeded_dropout, recompute=recompute,
                                            cuda_graphs=cuda_graphs))
         self.cells = nn.ModuleList(cells)  # layer-major, then direction (forward, reverse)
         self.seeded_dropout, self.recompute, self.cuda_graphs = seeded_dropout, recompute, cuda_graphs
+
+    def flatten_parameters(self) -> None:
+        """A no-op, for code written for ``nn.LSTM`` (``DataParallel`` replicas call it too): the
+        parameters live per cell and are never flattened."""
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, hyper_size={self.hyper_size}, "
                 f"embed_size={self.embed_size}, num_layers={self.num_layers}, batch_first={self.batch_first}, "
                 f"dropout={self.dropout}, bidirectional={self.bidirectional}, backend={self.backend!r}")
 
-    def forward(self, input: Union[Tensor, PackedSequence], state=None,
+    def forward(self, input: Union[Tensor, PackedSequence], hx=None, *,
                 lengths: Optional[Union[Tensor, Sequence[int]]] = None):
         ref = self.cells[0].weight_ih
         packed = isinstance(input, PackedSequence)
@@ -272,14 +310,7 @@ class HyperLSTM(_BackendAttr, nn.Module):
             if bool((lengths == T).all()):
                 lengths = None  # every sequence is full: the fixed-length path
         L = self.num_layers * self.num_directions
-        sizes = _state_sizes(self.cells[0].cfg)
-        if state is None:
-            state = [x.new_zeros(L, B, n) for n in sizes]
-        else:
-            want = [(L, n) if unbatched else (L, B, n) for n in sizes]
-            state = list(check_state(state, want, x.device, "state", x.dtype))
-            if unbatched:
-                state = [s.unsqueeze(1) for s in state]
+        state = _initial_state(hx, x, self.cells[0].cfg, (L,), unbatched, "HyperLSTM")
         if order is not None:
             dev_order = order.to(x.device)
             x = x.index_select(1, dev_order)
@@ -330,14 +361,64 @@ def _state_sizes(cfg: CellConfig):
     return (cfg.hidden_size, cfg.hidden_size, cfg.hyper_size, cfg.hyper_size)
 
 
+def _check_size(name: str, v) -> None:
+    """A size argument: an int (TypeError otherwise, as nn.LSTM) and positive (ValueError)."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} should be of type int, got: {type(v).__name__} ({v!r})")
+    if v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _check_bias(bias, signature: str) -> None:
+    if not isinstance(bias, bool):  # most likely an old positional hyper_size / embed_size
+        raise TypeError(f"bias must be True or False, got {bias!r}; the signature is {signature} "
+                        "(the HyperLSTM-specific arguments are keyword-only)")
+    if not bias:
+        raise ValueError("bias=False is not supported: SPEC's cell always has its biases (bias, hyper_bias, "
+                         "z_bias); pass bias=True")
+
+
+def _compute_dtype(x: Tensor, ref: Tensor) -> torch.dtype:
+    """The dtype a call computes in: the parameters' (= the input's, outside autocast), or the
+    autocast policy's (:func:`~.ops.precision.autocast_dtype`)."""
+    return autocast_dtype(x.device.type, ref.dtype) or ref.dtype
+
+
 def _check_tensor(name: str, t, ref: Tensor) -> None:
+    """A tensor on the parameters' device, in their dtype — or, inside ``torch.autocast`` for that
+    device, any floating dtype (the op casts it by the autocast policy)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the parameters' dtype {ref.dtype}, got {t.dtype} "
-                        f"(convert the input or call .to({t.dtype}) on the module)")
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the parameters' device {ref.device}, got {t.device}")
+    if t.dtype != ref.dtype and not (t.is_floating_point() and torch.is_autocast_enabled(t.device.type)):
+        raise TypeError(f"{name} must have the parameters' dtype {ref.dtype}, got {t.dtype} "
+                        f"(convert the input, call .to({t.dtype}) on the module, or run inside torch.autocast)")
+
+
+def _initial_state(hx, x: Tensor, cfg: CellConfig, lead: Tuple[int, ...], unbatched: bool, who: str) -> List[Tensor]:
+    """``hx`` as the four initial state tensors ``[*lead, B, n]`` (``x``: the batched input, ``[..., B, X]``).
+
+    ``hx`` may be None (zeros), a :class:`HyperLSTMState` or 4-tuple ``(h, c, h_hat, c_hat)``, or
+    ``nn.LSTM``'s ``(h_0, c_0)`` (the hyper state starts at zeros); unbatched calls take them
+    without the batch dimension. Outside autocast they must have the input's dtype."""
+    B = x.shape[-2]
+    sizes = _state_sizes(cfg)
+    if hx is None:
+        return [x.new_zeros(*lead, B, n) for n in sizes]
+    if not isinstance(hx, (tuple, list)) or len(hx) not in (2, 4):
+        raise TypeError(f"hx must be None, nn.LSTM's (h_0, c_0), or a HyperLSTMState (h, c, h_hat, c_hat), "
+                        f"got {type(hx).__name__}{f' of length {len(hx)}' if isinstance(hx, (tuple, list)) else ''}")
+    if len(hx) == 2 and isinstance(hx[1], tuple):
+        raise TypeError(f"hx must be None, (h_0, c_0) or a HyperLSTMState, got (Tensor, {type(hx[1]).__name__}): "
+                        f"{who} returns (output, state) with a 4-field state; pass that state back as hx")
+    names = HyperLSTMState._fields[:len(hx)]
+    want = [(*lead, n) if unbatched else (*lead, B, n) for n in sizes[:len(hx)]]
+    dtype = None if torch.is_autocast_enabled(x.device.type) else x.dtype
+    given = list(check_state(hx, want, x.device, "hx", dtype, names))
+    if unbatched:
+        given = [s.unsqueeze(len(lead)) for s in given]
+    return given + [x.new_zeros(*lead, B, n) for n in sizes[len(hx):]]
 
 
 def _check_features(name: str, x: Tensor, size: int) -> None:

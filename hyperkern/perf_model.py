@@ -264,7 +264,7 @@ def measure(s: Shape, dtype: str, repeats: int = 5) -> float:
 
     tdt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     dev = torch.device("cuda")
-    cell = HyperLSTMCell(s.X, s.H, s.Hh, s.E, s.layer_norm, device=dev, dtype=tdt)
+    cell = HyperLSTMCell(s.X, s.H, hyper_size=s.Hh, embed_size=s.E, layer_norm=s.layer_norm, device=dev, dtype=tdt)
     randomize_(cell)
     params = {n: p.detach() for n, p in cell.params().items()}
     x = torch.randn(s.T, s.B, s.X, device=dev, dtype=tdt)

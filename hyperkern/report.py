@@ -91,7 +91,7 @@ def sweep(T_values: Sequence[int] = (25, 50, 100, 200), H_values: Sequence[int] 
         axis_label = "T,H" if (shared and T == T_fixed and H == H_fixed) else axis
         torch.manual_seed(0)
         lstm = torch.nn.LSTM(X, H).to(device=device, dtype=dtype)
-        hyper = HyperLSTM(X, H, Hh, E, device=device, dtype=dtype)
+        hyper = HyperLSTM(X, H, hyper_size=Hh, embed_size=E, device=device, dtype=dtype)
         x = torch.randn(T, B, X, device=device, dtype=dtype)
         for mode in modes:
             make = forward_fn if mode == "forward" else forward_backward_fn

@@ -133,7 +133,7 @@ def tolerance(backend: str, dtype, device: torch.device) -> precision.Tolerance:
 def _build(cfg: Config, backend: str, dtype, device, seed: int, ref_device):
     """Reference (float64) and backend models with identical parameters, plus the inputs."""
     gen = torch.Generator().manual_seed(seed)
-    ref = HyperLSTM(cfg.X, cfg.H, cfg.Hh, cfg.E, num_layers=cfg.layers, bidirectional=cfg.bidirectional,
+    ref = HyperLSTM(cfg.X, cfg.H, hyper_size=cfg.Hh, embed_size=cfg.E, num_layers=cfg.layers, bidirectional=cfg.bidirectional,
                     layer_norm=cfg.layer_norm, forget_bias=cfg.forget_bias, ln_eps=cfg.ln_eps,
                     recurrent_dropout=cfg.recurrent_dropout, dropout=cfg.dropout, batch_first=cfg.batch_first,
                     backend="reference", dtype=F64)
@@ -174,7 +174,7 @@ def _run(model, cfg: Config, x, state, g_out, g_state, dtype, device, seed, with
             out, st = model(inp, state)
             out = out.data
         else:
-            out, st = model(inp, state, lengths)
+            out, st = model(inp, state, lengths=lengths)
     if not with_grad:
         return out.detach(), tuple(s.detach() for s in st), None
     named = {"input": x, **dict(zip(("h0", "c0", "h_hat0", "c_hat0"), state)), **dict(model.named_parameters())}

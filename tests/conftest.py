@@ -132,8 +132,7 @@ def cell_params(cfg, seed: int):
     from hyperkern import HyperLSTMCell
     from hyperkern.testing import randomize_
 
-    cell = HyperLSTMCell(cfg.input_size, cfg.hidden_size, cfg.hyper_size, cfg.embed_size, cfg.layer_norm,
-                         cfg.forget_bias, cfg.ln_eps, dtype=torch.float64)
+    cell = HyperLSTMCell.from_config(cfg, dtype=torch.float64)
     randomize_(cell, torch.Generator().manual_seed(seed))
     return {n: p.detach() for n, p in cell.params().items()}
 

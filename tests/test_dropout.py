@@ -188,7 +188,7 @@ def test_cpu_backends_take_a_seed_as_its_masks():
 
 
 def test_cell_draws_a_seed_for_triton_and_masks_otherwise():
-    cell = HyperLSTMCell(3, 6, 4, 2, recurrent_dropout=0.25).train()
+    cell = HyperLSTMCell(3, 6, hyper_size=4, embed_size=2, recurrent_dropout=0.25).train()
     like = torch.zeros(1)
     torch.manual_seed(7)
     a = cell.dropout_masks(5, 2, like, "triton")

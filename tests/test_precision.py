@@ -60,7 +60,7 @@ SHAPES = [dict(X=7, H=33, Hh=10, E=3, T=8, B=3), dict(X=13, H=65, Hh=17, E=5, T=
 def _emulated_error(fmt, bits, truncate, io_bits, X, H, Hh, E, T, B, layers=1, bidirectional=False, seed=0):
     """(outputs and final state, gradients): max relative error of the emulated arithmetic."""
     g = torch.Generator().manual_seed(seed)
-    rnn = HyperLSTM(X, H, Hh, E, num_layers=layers, bidirectional=bidirectional, backend="reference", dtype=F64)
+    rnn = HyperLSTM(X, H, hyper_size=Hh, embed_size=E, num_layers=layers, bidirectional=bidirectional, backend="reference", dtype=F64)
     randomize_(rnn, g)
     io = lambda t: _to_mantissa(t, io_bits, False)  # noqa: E731
     with torch.no_grad():

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ref_model(input_size=7, hidden_size=9, hyper_size=5, embed_size=3, seed=0, **kw) -> HyperLSTM:
     """A float64 reference HyperLSTM with non-initial random parameters."""
     kw.setdefault("backend", "reference")
-    m = HyperLSTM(input_size, hidden_size, hyper_size, embed_size, dtype=F64, **kw)
+    m = HyperLSTM(input_size, hidden_size, hyper_size=hyper_size, embed_size=embed_size, dtype=F64, **kw)
     return randomize_(m, torch.Generator().manual_seed(seed))
 
 
@@ -45,7 +45,7 @@ def rand_state(m: HyperLSTM, B: int, scale: float = 0.5):
 def single_layer_from(m: HyperLSTM, cell_indices, input_size) -> HyperLSTM:
     """A one-layer HyperLSTM whose cells are copies of ``m.cells[i]`` for i in cell_indices."""
     c = m.cells[cell_indices[0]].cfg
-    one = HyperLSTM(input_size, c.hidden_size, c.hyper_size, c.embed_size, num_layers=1,
+    one = HyperLSTM(input_size, c.hidden_size, hyper_size=c.hyper_size, embed_size=c.embed_size, num_layers=1,
                     bidirectional=len(cell_indices) == 2, layer_norm=c.layer_norm,
                     forget_bias=c.forget_bias, ln_eps=c.ln_eps, backend="reference", dtype=F64)
     for j, i in enumerate(cell_indices):
@@ -79,7 +79,7 @@ SPEC_ROWS = [
 @pytest.mark.parametrize("row", SPEC_ROWS, ids=[r[0] for r in SPEC_ROWS])
 def test_parameter_count_reproduces_spec_table(row):
     _, V, H, Hh, E, layers, ln, total, printed = row
-    m = HyperLSTM(V, H, Hh, E, num_layers=layers, layer_norm=ln, device="meta")
+    m = HyperLSTM(V, H, hyper_size=Hh, embed_size=E, num_layers=layers, layer_norm=ln, device="meta")
     cell_params = sum(p.numel() for p in m.parameters())
     softmax = H * V + V
     assert cell_params + softmax == total
@@ -93,7 +93,7 @@ def test_parameter_count_reproduces_spec_table(row):
 def test_single_cell_counts_of_spec():
     # SPEC: "cell 4,861,824" without and "cell 4,873,104" with layer norm (PTB sizes)
     for ln, want in ((False, 4_861_824), (True, 4_873_104)):
-        cell = HyperLSTMCell(50, 1000, 128, 4, layer_norm=ln, device="meta")
+        cell = HyperLSTMCell(50, 1000, hyper_size=128, embed_size=4, layer_norm=ln, device="meta")
         assert sum(p.numel() for p in cell.parameters()) == want
 
 
@@ -115,7 +115,7 @@ def _expected_shapes(X, H, Hh, E, ln):
 @pytest.mark.parametrize("ln", [True, False], ids=["ln", "no_ln"])
 def test_parameter_names_and_shapes(ln):
     X, H, Hh, E = 5, 7, 3, 2
-    m = HyperLSTM(X, H, Hh, E, num_layers=2, bidirectional=True, layer_norm=ln, device="meta")
+    m = HyperLSTM(X, H, hyper_size=Hh, embed_size=E, num_layers=2, bidirectional=True, layer_norm=ln, device="meta")
     want = {}
     # layer-major, then direction: cells 0, 1 = layer 0 (fwd, rev) read X; cells 2, 3 read 2H
     for k, layer_in in enumerate((X, X, 2 * H, 2 * H)):
@@ -125,7 +125,7 @@ def test_parameter_names_and_shapes(ln):
     assert got == want
     assert "cells.0.weight_ih" in got and ("cells.3.hyper_ln_cell_bias" in got) == ln
     # the cell exposes the same names without the prefix, and params() returns them all
-    cell = HyperLSTMCell(X, H, Hh, E, layer_norm=ln, device="meta")
+    cell = HyperLSTMCell(X, H, hyper_size=Hh, embed_size=E, layer_norm=ln, device="meta")
     assert {n: tuple(p.shape) for n, p in cell.named_parameters()} == _expected_shapes(X, H, Hh, E, ln)
     assert set(cell.params()) == set(_expected_shapes(X, H, Hh, E, ln))
     assert not list(m.buffers())
@@ -154,7 +154,7 @@ def _scaling_vectors(cell: HyperLSTMCell, h_hat):
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
 def test_init_every_d_is_one_tenth_and_beta_zero(dtype):
     # default embed size (E = 4): exactly 0.1 and exactly 0, for any hyper state
-    cell = HyperLSTMCell(7, 11, 13, dtype=dtype).requires_grad_(False)
+    cell = HyperLSTMCell(7, 11, hyper_size=13, dtype=dtype).requires_grad_(False)
     h_hat = torch.randn(5, 13, dtype=dtype) * 3
     d = _scaling_vectors(cell, h_hat)
     assert torch.equal(d[:8], torch.full_like(d[:8], 0.1)), "d_x, d_h must be 0.1 exactly at init"
@@ -166,7 +166,7 @@ def test_init_d_is_one_tenth_other_embed_sizes(E):
     # For E that do not divide 0.1 evenly, sum_e (0.1/E) rounds: allow a few ulps (see report);
     # beta stays exactly 0 whatever h_hat is (d_weight's bias-path blocks are 0).
     for dtype, ulps in ((torch.float32, 2 ** -23), (F64, 2 ** -52)):
-        cell = HyperLSTMCell(3, 10, 6, E, dtype=dtype).requires_grad_(False)
+        cell = HyperLSTMCell(3, 10, hyper_size=6, embed_size=E, dtype=dtype).requires_grad_(False)
         d = _scaling_vectors(cell, torch.randn(4, 6, dtype=dtype) * 3)
         assert float((d[:8] - 0.1).abs().max()) <= 8 * ulps * 0.1
         assert torch.equal(d[8:], torch.zeros_like(d[8:]))
@@ -174,7 +174,7 @@ def test_init_d_is_one_tenth_other_embed_sizes(E):
 
 def test_init_values_per_spec_table():
     X, H, Hh, E = 37, 64, 128, 4
-    cell = HyperLSTMCell(X, H, Hh, E, dtype=F64).requires_grad_(False)
+    cell = HyperLSTMCell(X, H, hyper_size=Hh, embed_size=E, dtype=F64).requires_grad_(False)
     # biases 0
     for name in ("bias", "hyper_bias", "ln_bias", "ln_cell_bias", "hyper_ln_bias", "hyper_ln_cell_bias"):
         assert torch.equal(getattr(cell, name), torch.zeros_like(getattr(cell, name))), name
@@ -205,7 +205,7 @@ def test_init_values_per_spec_table():
 
 
 def test_randomize_gives_non_initial_parameters():
-    cell = HyperLSTMCell(3, 5, 4, 2, dtype=F64)
+    cell = HyperLSTMCell(3, 5, hyper_size=4, embed_size=2, dtype=F64)
     init = {n: p.clone() for n, p in cell.named_parameters()}
     randomize_(cell)
     for n, p in cell.named_parameters():
@@ -288,7 +288,7 @@ VARIANTS_ALL = ["z_from_old_h_hat", "gate_order_ifog", "hyper_input_h_first"]
 @pytest.mark.parametrize("ln", [True, False], ids=["ln", "no_ln"])
 def test_reference_step_matches_hand_formula(ln):
     X, H, Hh, E, B = 5, 7, 6, 3, 4
-    cell = randomize_(HyperLSTMCell(X, H, Hh, E, layer_norm=ln, forget_bias=0.7, ln_eps=0.05,
+    cell = randomize_(HyperLSTMCell(X, H, hyper_size=Hh, embed_size=E, layer_norm=ln, forget_bias=0.7, ln_eps=0.05,
                                     backend="reference", dtype=F64))
     cfg, P = cell.cfg, cell.params()
     state = tuple(0.7 * torch.randn(B, n, dtype=F64) for n in (H, H, Hh, Hh))
@@ -315,7 +315,7 @@ def test_reference_step_matches_hand_formula(ln):
 def test_reference_step_with_recurrent_dropout_masks_matches_hand_formula():
     # rdrop multiplies tanh(g) only, in both cells, with independent masks
     X, H, Hh, E, B = 4, 6, 5, 2, 3
-    cell = randomize_(HyperLSTMCell(X, H, Hh, E, backend="reference", dtype=F64))
+    cell = randomize_(HyperLSTMCell(X, H, hyper_size=Hh, embed_size=E, backend="reference", dtype=F64))
     cfg, P = cell.cfg, cell.params()
     state = tuple(0.7 * torch.randn(B, n, dtype=F64) for n in (H, H, Hh, Hh))
     x = torch.randn(B, X, dtype=F64)
@@ -337,7 +337,7 @@ def test_reference_step_with_recurrent_dropout_masks_matches_hand_formula():
 def test_recurrent_dropout_masks_are_inverted_fresh_and_off_in_eval():
     T, B, H, Hh = 50, 4, 9, 7
     p = 0.3
-    cell = HyperLSTMCell(3, H, Hh, 2, recurrent_dropout=p, dtype=F64)
+    cell = HyperLSTMCell(3, H, hyper_size=Hh, embed_size=2, recurrent_dropout=p, dtype=F64)
     like = torch.zeros(1, dtype=F64)
     cell.train()
     m_main, m_hyp = cell.dropout_masks(T, B, like)
@@ -349,7 +349,7 @@ def test_recurrent_dropout_masks_are_inverted_fresh_and_off_in_eval():
         assert not torch.equal(m[0], m[1])  # a fresh mask every step
     cell.eval()
     assert cell.dropout_masks(T, B, like) is None
-    assert HyperLSTMCell(3, H, Hh, 2, dtype=F64).train().dropout_masks(T, B, like) is None
+    assert HyperLSTMCell(3, H, hyper_size=Hh, embed_size=2, dtype=F64).train().dropout_masks(T, B, like) is None
 
 
 # --- sequences: state carrying, cell vs layer ---------------------------------------------------
@@ -378,7 +378,7 @@ def test_T_steps_equal_two_halves_with_state_carried():
 
 def test_cell_stepping_equals_one_layer():
     m = ref_model()
-    cell = HyperLSTMCell(7, 9, 5, 3, backend="reference", dtype=F64)
+    cell = HyperLSTMCell(7, 9, hyper_size=5, embed_size=3, backend="reference", dtype=F64)
     cell.load_state_dict(m.cells[0].state_dict())
     T, B = 6, 2
     x = torch.randn(T, B, 7, dtype=F64)
@@ -625,15 +625,15 @@ BAD_INPUTS = [
     ("not_tensor", lambda m: m([[0.0] * 7] * 4), TypeError, ["input"]),
     ("empty_batch", lambda m: m(torch.randn(4, 0, 7, dtype=F64)), ValueError, ["input"]),
     ("T0", lambda m: m(torch.randn(0, 3, 7, dtype=F64)), ValueError, ["input"]),
-    ("state_type_tensor", lambda m: m(X_OK(), torch.zeros(2, 3, 9, dtype=F64)), TypeError, ["state"]),
-    ("state_len3", lambda m: m(X_OK(), tuple(_ok_state()[:3])), TypeError, ["state"]),
-    ("state_field_type", lambda m: m(X_OK(), _state_with(1, [[0.0]])), TypeError, ["state.c"]),
-    ("state_h_layers", lambda m: m(X_OK(), _state_with(0, torch.zeros(1, 3, 9, dtype=F64))), ValueError, ["state.h", "shape"]),
-    ("state_c_batch", lambda m: m(X_OK(), _state_with(1, torch.zeros(2, 4, 9, dtype=F64))), ValueError, ["state.c", "shape"]),
-    ("state_h_hat_size", lambda m: m(X_OK(), _state_with(2, torch.zeros(2, 3, 9, dtype=F64))), ValueError, ["state.h_hat", "shape"]),
-    ("state_c_hat_rank", lambda m: m(X_OK(), _state_with(3, torch.zeros(3, 5, dtype=F64))), ValueError, ["state.c_hat", "shape"]),
-    ("state_dtype", lambda m: m(X_OK(), _state_with(0, torch.zeros(2, 3, 9))), TypeError, ["state.h", "dtype"]),
-    ("state_device", lambda m: m(X_OK(), _state_with(2, torch.zeros(2, 3, 5, dtype=F64, device="meta"))), ValueError, ["state.h_hat", "device"]),
+    ("state_type_tensor", lambda m: m(X_OK(), torch.zeros(2, 3, 9, dtype=F64)), TypeError, ["hx"]),
+    ("state_len3", lambda m: m(X_OK(), tuple(_ok_state()[:3])), TypeError, ["hx"]),
+    ("state_field_type", lambda m: m(X_OK(), _state_with(1, [[0.0]])), TypeError, ["hx.c"]),
+    ("state_h_layers", lambda m: m(X_OK(), _state_with(0, torch.zeros(1, 3, 9, dtype=F64))), ValueError, ["hx.h", "shape"]),
+    ("state_c_batch", lambda m: m(X_OK(), _state_with(1, torch.zeros(2, 4, 9, dtype=F64))), ValueError, ["hx.c", "shape"]),
+    ("state_h_hat_size", lambda m: m(X_OK(), _state_with(2, torch.zeros(2, 3, 9, dtype=F64))), ValueError, ["hx.h_hat", "shape"]),
+    ("state_c_hat_rank", lambda m: m(X_OK(), _state_with(3, torch.zeros(3, 5, dtype=F64))), ValueError, ["hx.c_hat", "shape"]),
+    ("state_dtype", lambda m: m(X_OK(), _state_with(0, torch.zeros(2, 3, 9))), TypeError, ["hx.h", "dtype"]),
+    ("state_device", lambda m: m(X_OK(), _state_with(2, torch.zeros(2, 3, 5, dtype=F64, device="meta"))), ValueError, ["hx.h_hat", "device"]),
     ("lengths_zero", lambda m: m(X_OK(), lengths=[4, 0, 2]), ValueError, ["lengths"]),
     ("lengths_too_long", lambda m: m(X_OK(), lengths=[4, 5, 2]), ValueError, ["lengths"]),
     ("lengths_count", lambda m: m(X_OK(), lengths=[4, 2]), ValueError, ["lengths"]),
@@ -654,14 +654,14 @@ def test_bad_input_raises_clear_error(call, exc, words):
 
 
 BAD_CELL_INPUTS = [
-    ("rank3", lambda c: c(torch.randn(1, 3, 7, dtype=F64)), ValueError, ["x"]),
-    ("features", lambda c: c(torch.randn(3, 6, dtype=F64)), ValueError, ["x", "input_size"]),
-    ("dtype", lambda c: c(torch.randn(3, 7)), TypeError, ["x", "dtype"]),
-    ("device", lambda c: c(torch.empty(3, 7, dtype=F64, device="meta")), ValueError, ["x", "device"]),
-    ("empty_batch", lambda c: c(torch.randn(0, 7, dtype=F64)), ValueError, ["x"]),
-    ("state_type", lambda c: c(torch.randn(3, 7, dtype=F64), torch.zeros(3, 9, dtype=F64)), TypeError, ["state"]),
+    ("rank3", lambda c: c(torch.randn(1, 3, 7, dtype=F64)), ValueError, ["input"]),
+    ("features", lambda c: c(torch.randn(3, 6, dtype=F64)), ValueError, ["input", "input_size"]),
+    ("dtype", lambda c: c(torch.randn(3, 7)), TypeError, ["input", "dtype"]),
+    ("device", lambda c: c(torch.empty(3, 7, dtype=F64, device="meta")), ValueError, ["input", "device"]),
+    ("empty_batch", lambda c: c(torch.randn(0, 7, dtype=F64)), ValueError, ["input"]),
+    ("state_type", lambda c: c(torch.randn(3, 7, dtype=F64), torch.zeros(3, 9, dtype=F64)), TypeError, ["hx"]),
     ("state_shape", lambda c: c(torch.randn(3, 7, dtype=F64), tuple(torch.zeros(3, n, dtype=F64) for n in (9, 8, 5, 5))),
-     ValueError, ["state.c", "shape"]),
+     ValueError, ["hx.c", "shape"]),
 ]
 
 
@@ -678,7 +678,7 @@ def test_bad_cell_input_raises_clear_error(call, exc, words):
 BAD_CONSTRUCTION = [
     ("hidden_size", lambda: HyperLSTM(3, 0), ValueError, "hidden_size"),
     ("input_size", lambda: HyperLSTM(-1, 4), ValueError, "input_size"),
-    ("hyper_size", lambda: HyperLSTM(3, 4, hyper_size=2.5), ValueError, "hyper_size"),
+    ("hyper_size", lambda: HyperLSTM(3, 4, hyper_size=2.5), TypeError, "hyper_size"),  # nn.LSTM: TypeError for a non-int size
     ("embed_size", lambda: HyperLSTMCell(3, 4, embed_size=0), ValueError, "embed_size"),
     ("num_layers", lambda: HyperLSTM(3, 4, num_layers=0), ValueError, "num_layers"),
     ("dropout", lambda: HyperLSTM(3, 4, dropout=1.5), ValueError, "dropout"),
@@ -704,7 +704,7 @@ def test_backend_attribute_validated_on_set():
 
 def test_10000_steps_stay_finite_and_torch_backend_matches_reference():
     X, H, Hh, E, B, T = 3, 8, 4, 2, 2, 10_000
-    ref = randomize_(HyperLSTM(X, H, Hh, E, backend="reference", dtype=F64),
+    ref = randomize_(HyperLSTM(X, H, hyper_size=Hh, embed_size=E, backend="reference", dtype=F64),
                      torch.Generator().manual_seed(7))
     fast = copy.deepcopy(ref)
     fast.backend = "torch"

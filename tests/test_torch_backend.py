@@ -63,7 +63,7 @@ def run(model, x, state=None, lengths=None, packed=None, rng_seed=None, g_out=No
     inp = pack_padded_sequence(x, **packed) if packed is not None else x
     if rng_seed is not None:
         torch.manual_seed(rng_seed)  # identical dropout masks for every backend
-    out, st = model(inp, state, lengths) if lengths is not None else model(inp, state)
+    out, st = model(inp, state, lengths=lengths)
     if packed is not None:
         assert isinstance(out, PackedSequence)
         out_t = out.data

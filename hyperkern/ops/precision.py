@@ -177,3 +177,25 @@ def format_table() -> str:
     for (dev, dt, dot), tol in TOLERANCES.items():
         lines.append(f"{dev:6s} {DTYPE_NAMES[dt]:5s} {dot:5s} {tol.out:9.0e} {tol.grad:7.0e}")
     return "\n".join(lines)
+
+
+# --- autocast: the dtype a HyperLSTM call computes in ------------------------------------------
+
+def autocast_dtype(device_type: str, param_dtype: torch.dtype):
+    """The dtype a HyperLSTM call computes in when ``torch.autocast`` is on for ``device_type``,
+    else None (then inputs must have the parameters' dtype). As ``nn.LSTM`` does there:
+
+    - CUDA: the autocast dtype (``torch.get_autocast_dtype("cuda")``, fp16 or bf16): x, the
+      state and the parameters are cast to it, so the Triton kernels run their 16-bit path (16-bit
+      operands, fp32 accumulation and state); outputs in that dtype. float64 parameters are left
+      alone, as autocast leaves float64 ops (the call then computes in float64).
+    - CPU: the parameters' dtype, whatever dtype the input arrives in, so the C++ time loop runs
+      (it computes in fp32/fp64); outputs in the parameters' dtype.
+
+    One policy for every backend: the custom ops' autocast rules and the reference's wrapper read
+    it (``hyperkern.ops.hyper_lstm``), and the module resolves the backend with it."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if device_type == "cuda" and param_dtype != torch.float64:
+        return torch.get_autocast_dtype("cuda")
+    return param_dtype

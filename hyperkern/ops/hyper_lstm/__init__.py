@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from ..registry import FLOATS, Backend, Registry, triton_requires
 from . import fused_torch, fused_triton, naive
-from .common import CellConfig, HyperLSTMState, PARAM_NAMES  # noqa: F401  (re-exported)
+from .common import CellConfig, HyperLSTMState, PARAM_NAMES, autocast_backend, register_sequence_autocast  # noqa: F401
 from .dropout import DropoutSeed  # noqa: F401  (re-exported)
 
 
@@ -33,7 +33,7 @@ def _triton_limits(embed_size: Optional[int] = None, **_) -> Optional[str]:
 
 REGISTRY = Registry("HyperLSTM", (
     Backend("reference", "float64-capable reference (SPEC transcribed step by step; the oracle)",
-            naive.hyper_lstm_sequence, {"cpu": FLOATS, "cuda": FLOATS}),
+            autocast_backend(naive.hyper_lstm_sequence), {"cpu": FLOATS, "cuda": FLOATS}),
     Backend("torch", "fast PyTorch path (hoisted GEMM, hand-written BPTT); any device",
             fused_torch.hyper_lstm_sequence, {"cpu": FLOATS, "cuda": FLOATS}),
     Backend("triton", "fused Triton kernels, forward and backward (2 launches per step each way)",
@@ -47,6 +47,11 @@ REGISTRY = Registry("HyperLSTM", (
             auto_devices=("cuda",), requires=triton_requires, limits=_triton_limits),
 ), auto_order=("triton", "torch"))
 BACKENDS = REGISTRY.names
+# Inside torch.autocast every backend computes in precision.autocast_dtype (CPU: the parameters'
+# dtype; CUDA: the autocast dtype): the custom ops by their autocast rules, the reference by its
+# wrapper above. The backward ops need none (they run in the forward's dtypes).
+for _op in ("hyper_lstm_torch", "hyper_lstm_triton", "hyper_lstm_triton_persistent"):
+    register_sequence_autocast("hyperkern::" + _op)
 # the backends built on the Triton kernels: recurrent dropout as a seed by default (the kernels draw
 # the masks); CPU tensors only under the interpreter
 TRITON_BACKENDS = ("triton", "triton_persistent")

@@ -133,6 +133,26 @@ def fake_sequence_grads(x: Tensor, params, H: int, Hh: int):
     return [torch.empty_like(x)] + fake_sequence_outputs(x, H, Hh)[1:] + [torch.empty_like(q) for q in params]
 
 
+def _register_no_double_backward(backward_op) -> None:
+    """The backward op's own autograd formula: a clear error. A first backward with
+    ``create_graph=True`` (``torch.func.grad`` uses it) still works; differentiating its result
+    (a gradient penalty, a Hessian-vector product) raises before anything of it is computed."""
+    qualname = backward_op._qualified_op_name  # "hyperkern::..._backward"
+    forward = qualname.removesuffix("_backward")
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"double backward through {forward} is not supported: its backward ({qualname}) is a hand-written "
+            "BPTT with no derivative of its own. For higher-order gradients (a gradient penalty, Hessian-vector "
+            "products) run the layer with backend='reference' (autograd through the reference; slow)")
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+
 def register_sequence_autograd(forward_op, backward_op) -> None:
     """The autograd formula of a backend's sequence op (``hyperkern::hyper_lstm_torch``,
     ``hyperkern::hyper_lstm_triton``): both share one schema — forward ``(x, h0, c0, ĥ0, ĉ0,
@@ -166,15 +186,78 @@ def register_sequence_autograd(forward_op, backward_op) -> None:
         return (res[0], *d_state, list(res[5:])) + (None,) * ctx.n_nondiff
 
     forward_op.register_autograd(backward, setup_context=setup_context)
+    _register_no_double_backward(backward_op)
 
 
-def check_state(state, shapes, device, name: str = "state", dtype=None) -> Tuple[Tensor, ...]:
-    """Validate a 4-tuple ``(h, c, h_hat, c_hat)`` against ``shapes`` (one per field) and ``device``
-    (and ``dtype``; None: any floating dtype). Raises TypeError / ValueError naming the field."""
-    if not isinstance(state, (tuple, list)) or len(state) != 4:
-        raise TypeError(f"{name} must be a HyperLSTMState or a 4-tuple (h, c, h_hat, c_hat), "
+# --- autocast: one policy (``precision.autocast_dtype``) for every backend ----------------------
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+_autocast_libs = []  # the registrations' libraries, kept alive for the process
+
+
+def _cast_floats(args, dtype: torch.dtype):
+    """``args`` with every floating tensor (also inside lists) cast to ``dtype`` (differentiably)."""
+    def cast(a):
+        if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != dtype:
+            return a.to(dtype)
+        if isinstance(a, (list, tuple)):
+            return [cast(v) for v in a] if isinstance(a, list) else tuple(cast(v) for v in a)
+        return a
+    return [cast(a) for a in args]
+
+
+def register_sequence_autocast(qualname: str) -> None:
+    """The autocast rule of a sequence op (the schema of :func:`register_sequence_autograd`; the
+    parameters are argument 5): inside ``torch.autocast`` every floating input — x, the state,
+    the parameters, dropout masks — is cast to :func:`..precision.autocast_dtype` and the op runs
+    with autocast off. What ``torch.library.register_autocast`` does, with the dtype chosen per
+    call by the policy instead of fixed at registration (CPU: the parameters' dtype; CUDA: the
+    autocast dtype). Registered for the Python dispatcher too, so ``torch.compile`` traces it."""
+    from ..precision import autocast_dtype
+
+    namespace, name = qualname.split("::")
+    overload = getattr(getattr(torch.ops, namespace), name).default
+    lib = torch.library.Library(namespace, "IMPL")
+    _autocast_libs.append(lib)
+    for device_type in AUTOCAST_DEVICES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+
+        def rule(*args, _device_type=device_type):
+            dtype = autocast_dtype(_device_type, args[5][0].dtype)
+            with torch.autocast(_device_type, enabled=False):
+                return overload(*(_cast_floats(args, dtype) if dtype is not None else args))
+
+        overload.py_impl(getattr(torch._C.DispatchKey, key))(rule)
+        lib.impl(name, lambda _keyset, *args, _rule=rule: _rule(*args), key, with_keyset=True)
+
+
+def autocast_backend(fn):
+    """A backend entry point that is a plain Python function (the reference) under the same
+    autocast policy as the custom ops: its inputs cast, its body run with autocast off."""
+    from ..precision import autocast_dtype
+
+    def run(x, state, params, cfg, lengths=None, masks=None, **options):
+        dtype = autocast_dtype(x.device.type, next(iter(params.values())).dtype)
+        if dtype is None:
+            return fn(x, state, params, cfg, lengths, masks, **options)
+        x, state, masks = _cast_floats((x, tuple(state), masks), dtype)
+        params = dict(zip(params, _cast_floats(params.values(), dtype)))
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, state, params, cfg, lengths, masks, **options)
+
+    run.__doc__, run.__name__, run.__wrapped__ = fn.__doc__, fn.__name__, fn
+    return run
+
+
+def check_state(state, shapes, device, name: str = "state", dtype=None,
+                fields: Tuple[str, ...] = HyperLSTMState._fields) -> Tuple[Tensor, ...]:
+    """Validate a state tuple (``fields``: by default the 4 of ``(h, c, h_hat, c_hat)``) against
+    ``shapes`` (one per field) and ``device`` (and ``dtype``; None: any floating dtype). Raises
+    TypeError / ValueError naming the field."""
+    if not isinstance(state, (tuple, list)) or len(state) != len(fields):
+        raise TypeError(f"{name} must be a HyperLSTMState or a {len(fields)}-tuple ({', '.join(fields)}), "
                         f"got {type(state).__name__}")
-    for field, s, shape in zip(HyperLSTMState._fields, state, shapes):
+    for field, s, shape in zip(fields, state, shapes):
         if not isinstance(s, Tensor):
             raise TypeError(f"{name}.{field} must be a torch.Tensor, got {type(s).__name__}")
         if tuple(s.shape) != tuple(shape):
