@@ -12,15 +12,16 @@ setup(
     package_dir={"hyperkern.kernels": "kernels"},
     # the torch backend's C++ time loop: compiled at first use (never at install), so the source ships
     package_data={"hyperkern.ops.hyper_lstm.cpu": ["*.cpp"]},
-    install_requires=["torch>=2.3", "numpy"],
+    # torch: the oldest release the test suite has run on (see README, "Install"); a GPU user's
+    # CUDA build at or above it is kept. ninja: the torch backend's C++ CPU loop is built with it at
+    # first use (hyperkern finds this pip-installed one even when the venv is not activated).
+    install_requires=["torch>=2.11", "numpy", "ninja"],
     extras_require={
         # torch's CUDA wheels already bring a matching Triton; the test extra installs it so the
         # kernels can run under TRITON_INTERPRET=1 on a CPU-only machine.
         "test": [
             "pytest",
             "pytest-benchmark",
-            # torch.utils.cpp_extension builds the torch backend's C++ CPU loop with ninja
-            "ninja",
             # 3.6: the lent GPU machine's image (torch 2.11); 3.7: torch 2.13's CUDA pin; CI takes the newest
             "triton>=3.6,<3.10; platform_system == 'Linux' and platform_machine == 'x86_64'",
             # so the examples' smoke tests and the report plot run in CI too
