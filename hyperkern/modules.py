@@ -193,9 +193,6 @@ class HyperLSTMCell(_BackendAttr, nn.Module):
         new = HyperLSTMState(*(s.squeeze(0) for s in new)) if unbatched else HyperLSTMState(*new)
         return new.h, new
 
-    def flatten_parameters(self) -> None:
-        """A no-op, for code written for ``nn.LSTM`` (the parameters are never flattened)."""
-
 
 class HyperLSTM(_BackendAttr, nn.Module):
     """A stack of HyperLSTM cells with ``nn.LSTM``'s signature:

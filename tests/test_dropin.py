@@ -95,7 +95,6 @@ def test_nn_lstm_attributes_and_flatten_parameters():
                  "proj_size"):
         assert getattr(hyp, name) == getattr(ref, name), name
     assert ref.flatten_parameters() is None and hyp.flatten_parameters() is None
-    assert HyperLSTMCell(X, H, **SMALL).flatten_parameters() is None
 
 
 def test_cuda_graph_cache_is_opt_in():
@@ -344,6 +343,20 @@ def test_autocast_applies_to_every_backend_and_the_cell():
     assert (got - ref).abs().max() <= tol * ref.abs().max()
     with pytest.raises(TypeError, match="inside torch.autocast"):  # outside autocast the dtypes must agree
         hyp(x)
+
+
+def test_autocast_inside_torch_compile_fullgraph():
+    """The autocast rule is registered for the Python dispatcher too: a compiled region traces it."""
+    _, hyp = pair(X, H)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return hyp(x.bfloat16())[0]
+
+    x = torch.randn(T, B, X)
+    want = step(x)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_autocast_with_a_float64_model_computes_in_float64():

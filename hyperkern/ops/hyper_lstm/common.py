@@ -4,7 +4,7 @@ calling convention of a backend (SPEC §1 is the contract for the maths).
 A backend runs ONE cell (one layer, one direction) over a whole sequence:
 
     out, (h, c, h_hat, c_hat) = backend(x, state, params, cfg, lengths=None, masks=None, *,
-                                        recompute=False, cuda_graphs=True)
+                                        recompute=False, cuda_graphs=False)
 
 - ``x``: ``[T, B, X]``, already in processing order (the module reverses sequences for the
   reverse direction, so backends only ever run forward in time).
@@ -19,14 +19,15 @@ A backend runs ONE cell (one layer, one direction) over a whole sequence:
   ``(seed, p)`` standing for masks every backend derives identically (:mod:`.dropout`).
 - ``recompute``: a training-memory choice. The Triton backend then keeps only every step's state
   and recomputes the rest in the backward (same gradients, bitwise); the other backends ignore it.
-- ``cuda_graphs``: the Triton backend replays each whole call from a CUDA graph where it can
-  (``fused_triton.graphs``; bitwise the eager results); False runs the eager loop. The other
-  backends ignore it.
+- ``cuda_graphs``: opt-in (default False, the eager loop): the Triton backend replays each whole
+  call from its own cache of CUDA graphs where it can (``fused_triton.graphs``; not yet verified
+  on a GPU). The other backends ignore it.
 
 Returns ``out [T, B, H]`` and the final state (each sequence's state at its own last step).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from hyperkern.kernels.common import NUM_PATHS, NUM_SCALED_PATHS  # noqa: F401  (SPEC's counts, re-exported)
 
+from ..precision import autocast_dtype
 from .dropout import DropoutSeed
 
 BASE_PARAM_NAMES = (
@@ -135,8 +137,8 @@ def fake_sequence_grads(x: Tensor, params, H: int, Hh: int):
 
 def _register_no_double_backward(backward_op) -> None:
     """The backward op's own autograd formula: a clear error. A first backward with
-    ``create_graph=True`` (``torch.func.grad`` uses it) still works; differentiating its result
-    (a gradient penalty, a Hessian-vector product) raises before anything of it is computed."""
+    ``create_graph=True`` still works; differentiating its result (a gradient penalty, a
+    Hessian-vector product) raises before anything of it is computed."""
     qualname = backward_op._qualified_op_name  # "hyperkern::..._backward"
     forward = qualname.removesuffix("_backward")
 
@@ -150,7 +152,6 @@ def _register_no_double_backward(backward_op) -> None:
             "products) run the layer with backend='reference' (autograd through the reference; slow)")
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-
 
 
 def register_sequence_autograd(forward_op, backward_op) -> None:
@@ -213,8 +214,6 @@ def register_sequence_autocast(qualname: str) -> None:
     with autocast off. What ``torch.library.register_autocast`` does, with the dtype chosen per
     call by the policy instead of fixed at registration (CPU: the parameters' dtype; CUDA: the
     autocast dtype). Registered for the Python dispatcher too, so ``torch.compile`` traces it."""
-    from ..precision import autocast_dtype
-
     namespace, name = qualname.split("::")
     overload = getattr(getattr(torch.ops, namespace), name).default
     lib = torch.library.Library(namespace, "IMPL")
@@ -234,8 +233,8 @@ def register_sequence_autocast(qualname: str) -> None:
 def autocast_backend(fn):
     """A backend entry point that is a plain Python function (the reference) under the same
     autocast policy as the custom ops: its inputs cast, its body run with autocast off."""
-    from ..precision import autocast_dtype
 
+    @functools.wraps(fn)
     def run(x, state, params, cfg, lengths=None, masks=None, **options):
         dtype = autocast_dtype(x.device.type, next(iter(params.values())).dtype)
         if dtype is None:
@@ -245,7 +244,6 @@ def autocast_backend(fn):
         with torch.autocast(x.device.type, enabled=False):
             return fn(x, state, params, cfg, lengths, masks, **options)
 
-    run.__doc__, run.__name__, run.__wrapped__ = fn.__doc__, fn.__name__, fn
     return run
 
 

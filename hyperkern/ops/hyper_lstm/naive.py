@@ -73,7 +73,7 @@ def cell_step(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, masks=(No
 
 def hyper_lstm_sequence(
     x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig,
-    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False, cuda_graphs: bool = True,
+    lengths: Lengths = None, masks: Masks = None, *, recompute: bool = False, cuda_graphs: bool = False,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Run one cell over ``x [T, B, X]`` (calling convention in ``common``; ``recompute`` and
     ``cuda_graphs`` do not apply: autograd keeps what it keeps, and it runs eagerly)."""
