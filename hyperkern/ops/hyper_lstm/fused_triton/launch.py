@@ -111,7 +111,11 @@ class _Buffers:
         return bad
 
 
-def _check_inputs(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, lengths, masks):
+def _check_inputs(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, lengths, masks, *,
+                  dtypes: bool = True):
+    """Raise a clear error for anything the kernels cannot take. ``dtypes=False`` skips the dtype
+    checks (x's dtype, parameters in x's dtype): inside ``torch.autocast`` the op's autocast rule
+    casts the inputs first, and the op checks them again after that."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3:
@@ -122,13 +126,13 @@ def _check_inputs(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, 
     if X != cfg.input_size:
         raise ValueError(f"x has {X} features, the cell expects input_size={cfg.input_size}")
     if x.device.type == "cuda":
-        if x.dtype not in SUPPORTED_DTYPES:
+        if dtypes and x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {x.dtype}")
     elif x.device.type == "cpu":
-        if x.dtype == torch.bfloat16:
+        if dtypes and x.dtype == torch.bfloat16:
             raise TypeError("bfloat16 cannot run in the Triton interpreter (its bf16 arithmetic is wrong); "
                             "use a CUDA device, or float32/float16")
-        if x.dtype not in INTERPRETER_DTYPES:
+        if dtypes and x.dtype not in INTERPRETER_DTYPES:
             raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {x.dtype}")
         if not kernels_interpreted():
             raise RuntimeError("backend='triton' got CPU tensors but the Triton interpreter is off: set "
@@ -148,7 +152,7 @@ def _check_inputs(x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, 
             raise TypeError(f"params[{name!r}] must be a torch.Tensor, got {type(p).__name__}")
         if tuple(p.shape) != tuple(shape):
             raise ValueError(f"params[{name!r}] must have shape {tuple(shape)}, got {tuple(p.shape)}")
-        if p.dtype != x.dtype:
+        if dtypes and p.dtype != x.dtype:
             raise TypeError(f"params[{name!r}] has dtype {p.dtype}, x has {x.dtype}: they must match")
         if p.device != x.device:
             raise ValueError(f"params[{name!r}] is on {p.device}, x on {x.device}")

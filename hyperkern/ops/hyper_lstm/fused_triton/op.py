@@ -46,8 +46,11 @@ def hyper_lstm_sequence(
 def call_sequence_op(sequence_op, x: Tensor, state, params: Dict[str, Tensor], cfg: CellConfig, lengths: Lengths,
                      masks: Masks, recompute: bool, cuda_graphs: bool):
     """One call of a Triton sequence op (``hyper_lstm_triton`` or ``hyper_lstm_triton_persistent``:
-    one schema), keeping what the backward needs when gradients are required."""
-    _check_inputs(x, state, params, cfg, lengths, masks)
+    one schema), keeping what the backward needs when gradients are required. Inside
+    ``torch.autocast`` the dtypes are left to the op's autocast rule (it casts every floating
+    input to one dtype before the op runs, and the op checks them then)."""
+    autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+    _check_inputs(x, state, params, cfg, lengths, masks, dtypes=not autocast)
     save = (2 if recompute else 1) if needs_grad(x, state, params) else 0
     flat = [params[n] for n in cfg.param_names()]
     m_main, m_hyper, seed, p_drop = masks_to_op(masks)
