@@ -13,14 +13,23 @@ budget (what does not fit is reported as not run, never silently dropped). On CU
   allocations). Cases run in a pool of worker processes (the Triton JIT compiles in parallel).
 - ``large_offsets`` — a HyperLSTM output whose flat offsets pass 2^31 elements, and a static
   generation whose output holds more than 2^31 elements, each equal to the small-offset result.
-- ``graphs`` — the layer's own whole-call CUDA graphs (the default on CUDA): three training calls
+- ``graphs`` — the layer's own whole-call CUDA graphs (opt-in, ``cuda_graphs=True``): three training calls
   with new inputs, lengths and dropout seeds, bitwise equal to the eager loop and really replayed;
   launches bound once per call against every step through the JIT, bitwise; and a forward and a
   training step captured in a user's own outer graph (the layer then runs its eager loop) and
   replayed: equal to eager.
+- ``autocast`` — a training step of ``Linear -> HyperLSTM`` with fp32 parameters inside
+  ``torch.autocast`` (bf16; fp16 with ``torch.amp.GradScaler``): output in the autocast dtype,
+  finite fp32 gradients within the dtype's tolerance of an fp32 run.
 - ``compile`` — ``torch.compile(fullgraph=True)`` with Inductor over the layer (forward and
   backward) and over static generation: no graph break, equal to eager.
 - ``determinism`` — gradients bitwise equal across repeated runs.
+- ``mechanisms`` — at the performance model's shapes (fp32, TF32), side by side: the eager loop
+  with every launch through Triton's JIT, with bound launches, the layer's own graph cache,
+  ``torch.cuda.make_graphed_callables`` and ``torch.compile(mode="reduce-overhead")``: host and
+  device µs per step, forward and forward+backward, and whether each is bitwise the eager loop;
+  then the verdict row "graph cache: keep opt-in / make default / remove" (reported, applied by a
+  person).
 - ``timing`` — µs per step forward and forward+backward at the performance model's shapes, fp32
   (TF32) and bf16: the eager loop (``cuda_graphs=False``; also with every launch through Triton's
   JIT) and the layer's own graph replays, each as host µs per step (the call's wall time on the
@@ -59,11 +68,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-SECTIONS = ("correctness", "large_offsets", "graphs", "compile", "determinism", "timing")
+SECTIONS = ("correctness", "large_offsets", "graphs", "autocast", "compile", "determinism", "mechanisms", "timing")
 # seconds per section on one H100/H200 (TOTAL_BUDGET_S in all, start-up and printing included)
-# (issue 13 added the persistent backend: timing 70 -> 85 s for its rows, compile 50 -> 45 s)
-BUDGET_S = {"correctness": 150.0, "large_offsets": 20.0, "graphs": 25.0, "compile": 45.0, "determinism": 15.0,
-            "timing": 85.0}
+# (issue 13 added the persistent backend: timing 70 -> 85 s for its rows, compile 50 -> 45 s; issue 18
+# added autocast 10 s and mechanisms 60 s, taken from correctness 150 -> 120, graphs 25 -> 20,
+# compile 45 -> 35 and timing 85 -> 60: 340 s in all, as before)
+BUDGET_S = {"correctness": 120.0, "large_offsets": 20.0, "graphs": 20.0, "autocast": 10.0, "compile": 35.0,
+            "determinism": 15.0, "mechanisms": 60.0, "timing": 60.0}
 TOTAL_BUDGET_S = 360.0
 N_LSTM_SHAPES = 32  # random HyperLSTM shapes (the issue asks for at least 30)
 N_STATIC_SHAPES = 8
@@ -228,8 +239,7 @@ def _lstm_guarded_case(spec: dict) -> dict:
     dtype, dev = _DTYPES[spec["dtype"]], _device()
     T, B = c["T"], c["B"]
     g = torch.Generator().manual_seed(spec["seed"])
-    cell = HyperLSTMCell(cfg.input_size, cfg.hidden_size, cfg.hyper_size, cfg.embed_size, cfg.layer_norm,
-                         cfg.forget_bias, cfg.ln_eps, dtype=torch.float64)
+    cell = HyperLSTMCell.from_config(cfg, dtype=torch.float64)
     randomize_(cell, g)
     p64 = {n: v.detach().to(dtype).double() for n, v in cell.params().items()}
     x64 = torch.randn(T, B, cfg.input_size, generator=g, dtype=torch.float64).to(dtype).double()
@@ -405,7 +415,7 @@ def _timing_model(s, dtype, T: Optional[int] = None):
     from hyperkern.testing import randomize_
 
     torch.manual_seed(0)
-    model = HyperLSTM(s.X, s.H, s.Hh, s.E, backend="triton", device=_device(), dtype=dtype)
+    model = HyperLSTM(s.X, s.H, hyper_size=s.Hh, embed_size=s.E, backend="triton", device=_device(), dtype=dtype)
     randomize_(model, torch.Generator().manual_seed(0), scale=0.05)
     x = torch.randn(T or s.T, s.B, s.X, device=_device(), dtype=dtype)
     return model, x
@@ -416,7 +426,7 @@ def _small_layer(dtype=torch.float32, **kw):
     from hyperkern.testing import randomize_
 
     torch.manual_seed(0)
-    layer = HyperLSTM(7, 33, 10, 3, backend="triton", device=_device(), dtype=dtype, **kw)
+    layer = HyperLSTM(7, 33, hyper_size=10, embed_size=3, backend="triton", device=_device(), dtype=dtype, **kw)
     randomize_(layer, torch.Generator().manual_seed(1))
     x = torch.randn(5, 3, 7, generator=torch.Generator().manual_seed(2)).to(_device(), dtype)
     return layer, x
@@ -435,7 +445,7 @@ def section_large_offsets(ctx) -> List[dict]:
     dev = _device()
     # HyperLSTM: out[t, b, h] at t*H + b*S + h with S > 2^31 / 3
     cfg = CellConfig(7, 33, 10, 3)
-    cell = HyperLSTMCell(7, 33, 10, 3, device=dev)
+    cell = HyperLSTMCell(7, 33, hyper_size=10, embed_size=3, device=dev)
     randomize_(cell, torch.Generator().manual_seed(3))
     p = {n: v.detach() for n, v in cell.params().items()}
     T, B, H = 4, 4, cfg.hidden_size
@@ -522,7 +532,7 @@ def _own_graph_rows(ctx) -> List[dict]:
     rows = []
     shape = dict(num_layers=1) if ctx.dry_run else dict(num_layers=2, bidirectional=True)
     for dtype in [torch.float32] if ctx.dry_run else [torch.float32, torch.bfloat16]:
-        graphed, x = _small_layer(dtype, recurrent_dropout=0.3, **shape)
+        graphed, x = _small_layer(dtype, recurrent_dropout=0.3, cuda_graphs=True, **shape)
         eager = copy.deepcopy(graphed)
         eager.cuda_graphs = False
         clear_cuda_graph_cache()
@@ -667,6 +677,89 @@ def section_determinism(ctx) -> List[dict]:
     return rows
 
 
+def section_autocast(ctx) -> List[dict]:
+    """A mixed-precision training step through ``HyperLSTM(backend="triton")`` with fp32
+    parameters, as ``nn.LSTM`` code writes it: ``with torch.autocast(device, dtype)`` around
+    ``rnn(linear(x))`` (the input arrives in the autocast dtype), bf16 plainly and fp16 with
+    ``torch.amp.GradScaler``. On CUDA the output is in the autocast dtype (the kernels' 16-bit
+    path); on the CPU (the dry run) in the parameters' dtype (the CPU policy). Gradients reach
+    every fp32 parameter, finite, and within ``hyperkern.ops.precision``'s tolerance of that dtype
+    of an fp32 run; the scaler finds no inf."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            rows.append(_autocast_row(_device(), dtype))
+        except Exception as e:  # noqa: BLE001  (a step that raises fails its row, with the cause)
+            rows.append(dict(name=f"autocast {precision_name(dtype)} training step", ok=False,
+                             note=f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
+    return rows
+
+
+def _autocast_row(dev: torch.device, dtype: torch.dtype) -> dict:
+    from hyperkern import HyperLSTM
+    from hyperkern.ops.precision import tolerance_for
+    from hyperkern.testing import randomize_
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(7, 7).to(dev)
+    rnn = HyperLSTM(7, 33, hyper_size=10, embed_size=3, backend="triton", device=dev)
+    randomize_(rnn, torch.Generator().manual_seed(1))
+    params = list(lin.parameters()) + list(rnn.parameters())
+    x = torch.randn(5, 3, 7, generator=torch.Generator().manual_seed(2)).to(dev)
+
+    def forward(enabled: bool):
+        for p in params:
+            p.grad = None
+        with torch.autocast(dev.type, dtype=dtype, enabled=enabled):
+            out, st = rnn(lin(x))
+            loss = out.float().square().mean() + st.c.float().square().mean()
+        return out, loss
+
+    out32, loss32 = forward(False)
+    loss32.backward()
+    want = [p.grad.clone() for p in params]
+    out, loss = forward(True)
+    scale = 2.0 ** 12
+    scaler = torch.amp.GradScaler(dev.type, init_scale=scale) if dtype == torch.float16 else None
+    opt = torch.optim.SGD(params, lr=0.0)  # the scaler's step and update run; nothing moves
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    grads = [p.grad for p in params]
+    want_dtype = dtype if dev.type == "cuda" else torch.float32
+    # the dtype's 16-bit-operand tolerance (on the CPU too, where the op computes in fp32: the
+    # error against the fp32 run is the autocast Linear's rounding of the layer's input)
+    tol = tolerance_for(dev.type, dtype)
+    problems = []
+    if out.dtype != want_dtype:
+        problems.append(f"output is {out.dtype}, want {want_dtype}")
+    if any(g is None for g in grads):
+        problems.append(f"{sum(g is None for g in grads)} parameters got no gradient")
+    grads = [g for g in grads if g is not None]
+    if any(g.dtype != torch.float32 for g in grads):
+        problems.append("a gradient is not fp32")
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        problems.append("a gradient is not finite")
+    e_out = _rel_err(out, out32)
+    e_grad = max((_rel_err(g, w) for g, w in zip(grads, want)), default=float("nan"))
+    if not e_out <= tol.out:
+        problems.append(f"output off the fp32 run by {e_out:.1e} (tolerance {tol.out:.0e})")
+    if not e_grad <= tol.grad:
+        problems.append(f"gradients off the fp32 run by {e_grad:.1e} (tolerance {tol.grad:.0e})")
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() < scale:
+            problems.append("GradScaler found an inf or NaN gradient (the scale went down)")
+    what = "with GradScaler" if scaler is not None else "no scaler"
+    return dict(name=f"autocast {precision_name(dtype)} training step ({dev.type}, {what}): Linear -> HyperLSTM, "
+                     f"fp32 parameters", ok=not problems, dtype=precision_name(dtype), out=e_out, grads=e_grad,
+                out_dtype=str(out.dtype).replace("torch.", ""), tol_out=tol.out, tol_grad=tol.grad,
+                note="; ".join(problems))
+
+
 def precision_name(dtype) -> str:
     from hyperkern.ops.precision import DTYPE_NAMES
 
@@ -746,7 +839,7 @@ def _time_shape(s, dtype, dt_name: str, T: int) -> dict:
 
     us = lambda ms: ms * 1e3 / T  # noqa: E731
     row = dict(name=f"{s.name} {dt_name}", shape=s.name, dtype=dt_name, X=s.X, H=s.H, Hh=s.Hh, E=s.E, B=s.B, T=T, ok=True)
-    for mode, graphs in (("eager", False), ("graph", True)):  # graph: the layer's own replays (its default)
+    for mode, graphs in (("eager", False), ("graph", True)):  # graph: the layer's own replays (opt-in)
         model.cuda_graphs = graphs
         if graphs:
             clear_cuda_graph_cache()  # (then the cache holds this shape's graphs only: their bytes below)
@@ -825,7 +918,7 @@ def _time_persistent(row: dict, model, s, dt_name: str, T: int, xs, fwd, fwd_bwd
     us = lambda ms: ms * 1e3 / T  # noqa: E731
     model = copy.deepcopy(model)
     model.backend = "triton_persistent"
-    model.cuda_graphs = True  # the default: the backward (the per-step BPTT) replays its graphs
+    model.cuda_graphs = True  # (opt-in) the backward, the per-step BPTT, replays the layer's own graphs
     before = persistent.fallbacks()
     host, device = _host_device_ms(fwd(model), xs)
     row["persist_fwd_host_us"], row["persist_fwd_us"] = us(host), us(device)
@@ -840,6 +933,256 @@ def _time_persistent(row: dict, model, s, dt_name: str, T: int, xs, fwd, fwd_bwd
     if row["persist_fell_back"]:
         row["ok"] = False
         row["note"] = "the persistent forward fell back to the per-step kernels (a grid sync gave up)"
+
+
+# --------------------------------------------------------------------------------------------
+# the mechanisms that remove the host's launch cost, side by side (what settles the GPU default)
+# --------------------------------------------------------------------------------------------
+
+# name -> what it is. The two eager loops, the layer's own whole-call graph cache, and PyTorch's
+# own two mechanisms wrapped around the layer (which then runs its eager loop inside them).
+MECHANISMS = {
+    "eager_jit": "eager loop, every launch through Triton's JIT",
+    "eager_bound": "eager loop, launches bound once per call (the default)",
+    "graph_cache": "the layer's own whole-call graph cache (cuda_graphs=True, opt-in)",
+    "graphed_callables": "torch.cuda.make_graphed_callables(layer)",
+    "compile_reduce_overhead": "torch.compile(layer, mode=\"reduce-overhead\")",
+}
+PYTORCH_MECHANISMS = ("graphed_callables", "compile_reduce_overhead")
+# the graph cache "beats" a mechanism at a shape when its time per step (the larger of host and
+# device µs per step) is below this fraction of the mechanism's, forward and forward+backward
+VERDICT_MARGIN = 0.95
+
+
+def section_mechanisms(ctx) -> List[dict]:
+    """At the performance model's shapes (fp32 with TF32 dots; ``TIMING_STEPS`` steps), each of
+    :data:`MECHANISMS`: host and device µs per step, forward (inference) and forward+backward,
+    and whether it gives bitwise the eager loop's output and parameter gradients; then the graph
+    cache's verdict (:func:`graph_cache_verdict`). Dry run: one tiny shape on the CPU (host time
+    only; the graph cache with the stand-in capture; Inductor's CPU backend, which has no CUDA
+    graphs; ``make_graphed_callables`` not run: it needs CUDA)."""
+    import types
+
+    from hyperkern import perf_model as pm
+    from hyperkern.ops.precision import tf32_matmuls
+
+    if ctx.dry_run:
+        plan = [(types.SimpleNamespace(name="tiny (dry run)", X=3, H=7, Hh=5, E=2, B=2), 3)]
+    else:
+        plan = [(s, TIMING_STEPS) for s in pm.SHAPES]
+    rows = []
+    for s, T in plan:
+        if time.monotonic() > ctx.deadline:
+            rows.append(dict(name=f"{s.name} fp32", shape=s.name, dtype="fp32", ok=True,
+                             note="not run (section budget)", not_run=True))
+            continue
+        with tf32_matmuls(not ctx.dry_run):
+            rows.append(_mechanism_row(ctx, s, T))
+    rows.append(graph_cache_verdict(rows, ctx.dry_run))
+    return rows
+
+
+class _OutputOnly(torch.nn.Module):
+    """``layer(x)[0]`` as a module (what ``make_graphed_callables`` and ``torch.compile`` wrap:
+    the layer's parameters are this module's)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)[0]
+
+
+def _mechanism_row(ctx, s, T: int) -> dict:
+    """One shape: every mechanism timed and checked bitwise against the eager loop."""
+    from hyperkern.ops import launches
+    from hyperkern.ops.hyper_lstm.fused_triton import graphs
+
+    dtype, cuda = torch.float32, not ctx.dry_run
+    model, _ = _timing_model(s, dtype, T)
+    model.cuda_graphs = False
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(T, s.B, s.X, generator=g).to(_device(), dtype) for _ in range(3)]
+    gout = torch.randn(T, s.B, s.H, generator=g).to(_device(), dtype)
+
+    def fwd(call):
+        def run(x):
+            with torch.no_grad():
+                return call(x)
+        return run
+
+    def fwd_bwd(call):
+        def run(x):
+            for p in params:
+                p.grad = None
+            out = call(x)
+            out.backward(gout)
+            return out
+        return run
+
+    def results(call):
+        """(inference output, training output, parameter gradients) on ``xs[0]``, copied out."""
+        inf = fwd(call)(xs[0]).detach().clone()
+        out = fwd_bwd(call)(xs[0]).detach().clone()
+        return [inf, out] + [p.grad.detach().clone() for p in params]
+
+    eager = lambda x: model(x)[0]  # noqa: E731
+    want = results(eager)
+    row = dict(name=f"{s.name} fp32", shape=s.name, dtype="fp32", T=T, B=s.B, H=s.H, ok=True, mechanisms={})
+    us = lambda ms: None if ms is None else ms * 1e3 / T  # noqa: E731
+    warmup, reps = (3, 7) if cuda else (2, 1)  # graphs: 1st call eager, 2nd captures; cudagraph trees: warm, record
+
+    @contextlib.contextmanager
+    def jit_launches():
+        launches.BIND_COMPILED = False
+        try:
+            yield
+        finally:
+            launches.BIND_COMPILED = True
+
+    @contextlib.contextmanager
+    def own_graphs():
+        real = graphs.CACHE
+        if ctx.dry_run:  # no CUDA graphs on the CPU: the stand-in capture re-runs each call
+            from hyperkern.testing import RerunCapture
+
+            graphs.CACHE = graphs.GraphCache(capturer=RerunCapture())
+        else:
+            graphs.CACHE.clear()
+        model.cuda_graphs = True
+        try:
+            yield
+        finally:
+            model.cuda_graphs = False
+            graphs.CACHE.clear()  # (its graphs' memory back before the next mechanism)
+            graphs.CACHE = real
+
+    def mark_step(call):
+        def run(x):
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier outputs may be overwritten
+            return call(x)
+        return run
+
+    for name in MECHANISMS:
+        m = row["mechanisms"][name] = {}
+        if time.monotonic() > ctx.deadline:
+            m["note"] = "not run (section budget)"
+            continue
+        try:
+            context, call = contextlib.nullcontext(), eager
+            if name == "eager_jit":
+                context = jit_launches()
+            elif name == "graph_cache":
+                context = own_graphs()
+            elif name == "graphed_callables":
+                if not cuda:
+                    m["note"] = "not run (dry run: needs CUDA)"
+                    continue
+                call = torch.cuda.make_graphed_callables(_OutputOnly(model), (xs[0].clone(),))
+            elif name == "compile_reduce_overhead":
+                torch._dynamo.reset()
+                call = mark_step(torch.compile(_OutputOnly(model), mode="reduce-overhead"))
+                if not cuda:
+                    m["note"] = "CPU: Inductor without CUDA graphs"
+            with context:
+                for mode, make in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
+                    # (dry run: only the graph cache needs its two warm-up calls, to replay at all)
+                    n_warm = warmup if cuda or name == "graph_cache" else 0
+                    host, device = _timed_ms(make(call), xs, n_warm, reps, cuda)
+                    m[f"{mode}_host_us"], m[f"{mode}_us"] = us(host), us(device)
+                got = results(call)
+                if name == "graph_cache":
+                    m["replayed"] = graphs.CACHE.info().counts.get("replayed", 0)
+                    m["graph_mb"] = graphs.CACHE.info().nbytes / 1e6
+            m["bitwise"] = len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+            if not m["bitwise"]:
+                m["note"] = "differs from the eager loop (output or a parameter gradient)"
+        except Exception as e:  # noqa: BLE001  (the op must run under every mechanism: a failure fails the row)
+            m["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        finally:
+            if name == "compile_reduce_overhead":
+                torch._dynamo.reset()
+        if m.get("error") or m.get("bitwise") is False or (name == "graph_cache" and not m.get("replayed")):
+            row["ok"] = False
+    bad = [f"{n}: {m.get('error') or m.get('note') or 'never replayed'}" for n, m in row["mechanisms"].items()
+           if m.get("error") or m.get("bitwise") is False or (n == "graph_cache" and "bitwise" in m
+                                                            and not m.get("replayed"))]
+    row["note"] = "; ".join(bad)[:300]
+    return row
+
+
+def _timed_ms(fn, inputs: Sequence, warmup: int, reps: int, cuda: bool):
+    """(host ms, device ms or None) of ``fn`` per call: :func:`_host_device_ms` on CUDA; on the
+    CPU (dry run) the median wall time, no device time."""
+    if cuda:
+        return _host_device_ms(fn, inputs, warmup, reps)
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    host = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(inputs[i % len(inputs)])
+        host.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(host), None
+
+
+def _step_cost(m: dict, mode: str) -> Optional[float]:
+    """A mechanism's µs per step in ``mode``: the larger of host and device (the host enqueues
+    while the device runs: a step takes at least each), None if it has no clean measurement."""
+    if not m or m.get("error") or not m.get("bitwise") or m.get(f"{mode}_us") is None:
+        return None
+    return max(m[f"{mode}_us"], m.get(f"{mode}_host_us") or 0.0)
+
+
+def graph_cache_verdict(rows: Sequence[dict], dry_run: bool = False) -> dict:
+    """The verdict row: "graph cache: keep opt-in / make default / remove", from the rows of
+    :func:`section_mechanisms`. **make default**: at every shape it captured, replayed bitwise and
+    was faster per step (forward and forward+backward) than both of PyTorch's mechanisms by the
+    margin :data:`VERDICT_MARGIN`; **remove**: it never was (at no shape and mode), or it failed to
+    replay bitwise; **keep opt-in**: anything between, or the evidence is incomplete (a shape not
+    run, a PyTorch mechanism that failed on the layer). gpu-check only reports it: a person
+    applies it (the default lives in ``hyperkern/modules.py``)."""
+    shapes = [r for r in rows if "mechanisms" in r or r.get("not_run")]
+    wins, losses, missing, broken = [], [], [], []
+    for r in shapes:
+        if r.get("not_run"):
+            missing.append(f"{r['name']} not run")
+            continue
+        ms = r["mechanisms"]
+        cache = ms.get("graph_cache", {})
+        if cache.get("error") or cache.get("bitwise") is False or ("bitwise" in cache and not cache.get("replayed")):
+            broken.append(f"{r['name']}: {cache.get('error') or cache.get('note') or 'never replayed'}")
+            continue
+        for mode in ("fwd", "fwdbwd"):
+            c = _step_cost(cache, mode)
+            others = {k: _step_cost(ms.get(k, {}), mode) for k in PYTORCH_MECHANISMS}
+            if c is None or any(v is None for v in others.values()):
+                missing.append(f"{r['name']} {mode}: " + ", ".join(
+                    k for k, v in {"graph_cache": c, **others}.items() if v is None) + " not measured")
+            elif c < VERDICT_MARGIN * min(others.values()):
+                wins.append(f"{r['name']} {mode}")
+            else:
+                best = min(others, key=others.get)
+                losses.append(f"{r['name']} {mode} ({c:.1f} vs {best} {others[best]:.1f} µs/step)")
+    if dry_run:
+        verdict, why = "not decided", "dry run: no GPU, no device time"
+    elif broken:
+        verdict, why = "remove", "it did not replay bitwise: " + "; ".join(broken)
+    elif not shapes:
+        verdict, why = "keep opt-in", "nothing measured"
+    elif wins and not losses and not missing:
+        verdict, why = "make default", f"faster than both PyTorch mechanisms (by > {1 - VERDICT_MARGIN:.0%}) at " \
+                                       f"every shape, forward and forward+backward, bitwise"
+    elif not wins and not missing:
+        verdict, why = "remove", "never faster than both PyTorch mechanisms: " + "; ".join(losses)
+    else:
+        verdict, why = "keep opt-in", "; ".join(
+            ([f"wins: {', '.join(wins)}"] if wins else []) + ([f"not faster: {'; '.join(losses)}"] if losses else [])
+            + ([f"incomplete: {'; '.join(missing)}"] if missing else []))
+    return dict(name=f"graph cache: {verdict}", ok=True, verdict=verdict, why=why[:600], wins=wins, losses=losses,
+                missing=missing, note="reported only: a person applies it (HyperLSTM's cuda_graphs default)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,8 +1222,9 @@ def environment() -> dict:
     return env
 
 
-SECTION_FNS = {"large_offsets": section_large_offsets, "graphs": section_graphs, "compile": section_compile,
-               "determinism": section_determinism, "timing": section_timing}
+SECTION_FNS = {"large_offsets": section_large_offsets, "graphs": section_graphs, "autocast": section_autocast,
+               "compile": section_compile, "determinism": section_determinism, "mechanisms": section_mechanisms,
+               "timing": section_timing}
 CUDA_ONLY = {"large_offsets": "needs over 13 GB of device memory for buffers past 2^31 elements",
              "timing": "CUDA events time a GPU"}
 
@@ -976,6 +1320,7 @@ def format_summary(result: dict) -> str:
                          for r in bad[:2])
         lines.append(f"{name:14s} {len(sec['rows']):5d} {len(bad):6d} {len(sec['not_run']):7d} "
                      f"{sec.get('seconds', 0):5.0f}/{sec['budget_s']:<5.0f}  {note}")
+    lines += _mechanism_lines(result["sections"].get("mechanisms", {}))
     timing = result["sections"].get("timing", {})
     trows = [r for r in timing.get("rows", []) if "fwd_eager_us" in r]
     if trows:
@@ -1008,6 +1353,32 @@ def format_summary(result: dict) -> str:
                          f"{r['persist_over_pred']:5.2f} {r['persist_fwdbwd_us']:9.1f} {r['fwd_graph_us']:19.1f} "
                          f"{'YES' if r['persist_fell_back'] else 'no':>9s}")
     return "\n".join(lines)
+
+
+def _mechanism_lines(sec: dict) -> List[str]:
+    """The mechanisms table: per shape and mechanism, host / device µs per step forward and
+    forward+backward, bitwise (= eager) or why not; then the graph cache's verdict."""
+    rows = [r for r in sec.get("rows", []) if "mechanisms" in r]
+    verdict = next((r for r in sec.get("rows", []) if "verdict" in r), None)
+    if not rows and verdict is None:
+        return []
+    lines = ["µs per step by mechanism, host / device (fwd = inference; f+b = forward + backward; "
+             "= eager: bitwise the eager loop's output and gradients)"]
+    lines.append(f"{'shape':22s} {'mechanism':24s} {'fwd h/d':>13s} {'f+b h/d':>13s}  = eager")
+
+    def hd(m, mode):
+        h, d = m.get(f"{mode}_host_us"), m.get(f"{mode}_us")
+        return "-" if h is None else f"{h:.1f}/{'-' if d is None else f'{d:.1f}'}"
+
+    for r in rows:
+        for name, m in r["mechanisms"].items():
+            eq = {True: "yes", False: "NO"}.get(m.get("bitwise"), "-")
+            why = m.get("error") or m.get("note") or ""
+            lines.append(f"{r['shape'][:22]:22s} {name:24s} {hd(m, 'fwd'):>13s} {hd(m, 'fwdbwd'):>13s}  {eq:5s} "
+                         f"{why[:60]}".rstrip())
+    if verdict is not None:
+        lines.append(f"{verdict['name']} ({verdict['note']}): {verdict['why'][:300]}")
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -176,3 +176,70 @@ def test_seed_tape_replays_the_models_draws_on_another_device():
     assert len({int(s) for s in drawn}) == 3
     fresh = DropoutSeed.draw(0.3, "cpu").seed  # the real draw is back
     assert not any(torch.equal(fresh, s) for s in drawn)
+
+
+def test_dry_run_runs_the_mechanisms_and_the_autocast_step(dry_run):
+    """Issue 18: every mechanism that runs on the CPU is run and bitwise the eager loop
+    (``make_graphed_callables`` needs CUDA: said so), the verdict row is there (undecided in a
+    dry run), and the autocast training step passes in bf16 and fp16 (with GradScaler)."""
+    _, result = dry_run
+    rows = result["sections"]["mechanisms"]["rows"]
+    shape = next(r for r in rows if "mechanisms" in r)
+    ms = shape["mechanisms"]
+    assert list(ms) == list(gpu_check.MECHANISMS)
+    for name in ("eager_jit", "eager_bound", "graph_cache", "compile_reduce_overhead"):
+        assert ms[name]["bitwise"] is True and ms[name]["fwd_host_us"] > 0 and ms[name]["fwdbwd_host_us"] > 0, name
+    assert ms["graph_cache"]["replayed"] > 0
+    assert "needs CUDA" in ms["graphed_callables"]["note"] and "bitwise" not in ms["graphed_callables"]
+    verdict = rows[-1]
+    assert verdict["verdict"] == "not decided" and verdict["name"] == "graph cache: not decided"
+    auto = result["sections"]["autocast"]["rows"]
+    assert [r["dtype"] for r in auto] == ["bf16", "fp16"] and all(r["ok"] for r in auto)
+    assert all(r["out_dtype"] == "float32" for r in auto)  # the CPU policy: the parameters' dtype
+    assert "GradScaler" in auto[1]["name"]
+
+
+def _mech(fwd, fwdbwd, host=1.0, bitwise=True, **extra):
+    return dict(fwd_us=fwd, fwd_host_us=host, fwdbwd_us=fwdbwd, fwdbwd_host_us=host, bitwise=bitwise, **extra)
+
+
+def _shape_row(name, cache, graphed, compiled):
+    return dict(name=name, mechanisms={"eager_bound": _mech(50, 150), "graph_cache": dict(cache, replayed=6),
+                                       "graphed_callables": graphed, "compile_reduce_overhead": compiled})
+
+
+@pytest.mark.parametrize("case, verdict", [
+    ("wins_everywhere", "make default"), ("loses_everywhere", "remove"), ("mixed", "keep opt-in"),
+    ("not_bitwise", "remove"), ("shape_not_run", "keep opt-in"), ("pytorch_failed", "keep opt-in")])
+def test_the_graph_cache_verdict_follows_the_measurements(case, verdict):
+    """make default: faster than both PyTorch mechanisms (by the margin) at every shape, forward
+    and forward+backward, bitwise; remove: never faster, or not bitwise; keep opt-in otherwise,
+    including incomplete evidence."""
+    fast, slow = _mech(10, 30), _mech(20, 60)
+    rows = {
+        "wins_everywhere": [_shape_row("a", fast, slow, slow), _shape_row("b", fast, slow, slow)],
+        "loses_everywhere": [_shape_row("a", slow, fast, slow), _shape_row("b", _mech(10, 30), _mech(9.8, 29), slow)],
+        "mixed": [_shape_row("a", fast, slow, slow), _shape_row("b", slow, fast, fast)],
+        "not_bitwise": [_shape_row("a", dict(fast, bitwise=False), slow, slow)],
+        "shape_not_run": [_shape_row("a", fast, slow, slow), dict(name="b fp32", not_run=True, ok=True)],
+        "pytorch_failed": [_shape_row("a", fast, dict(error="RuntimeError: capture"), slow)],
+    }[case]
+    v = gpu_check.graph_cache_verdict(rows)
+    assert v["verdict"] == verdict and v["name"] == f"graph cache: {verdict}" and v["ok"] is True, v
+    assert "person" in v["note"]
+    # the host side counts: a cache whose host time per step is over both mechanisms' does not win
+    if case == "wins_everywhere":
+        hosty = [_shape_row("a", _mech(10, 30, host=80.0), slow, slow)]
+        assert gpu_check.graph_cache_verdict(hosty)["verdict"] == "remove"
+
+
+def test_summary_prints_the_mechanisms_table_and_the_verdict():
+    rows = [_shape_row("PTB (paper) fp32", _mech(10, 30, host=0.5), _mech(12, 35), _mech(11, 33))]
+    rows[0].update(shape="PTB (paper)")
+    rows.append(gpu_check.graph_cache_verdict(rows))
+    result = {"environment": {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6.0"}, "dry_run": False,
+              "seconds": 300, "failed": 0,
+              "sections": {"mechanisms": {"rows": rows, "not_run": [], "budget_s": 60, "seconds": 20, "skipped": None}}}
+    text = gpu_check.format_summary(result)
+    assert "graph_cache" in text and "compile_reduce_overhead" in text and " 0.5/10.0 " in text
+    assert "graph cache: make default" in text
