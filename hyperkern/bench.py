@@ -40,7 +40,7 @@ def make_models(case: Case, backend: str = "torch", dtype=torch.float32, device=
 
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(case.X, case.H).to(device=device, dtype=dtype)
-    hyper = HyperLSTM(case.X, case.H, case.Hh, case.E, backend=backend, device=device, dtype=dtype)
+    hyper = HyperLSTM(case.X, case.H, hyper_size=case.Hh, embed_size=case.E, backend=backend, device=device, dtype=dtype)
     x = torch.randn(case.T, case.B, case.X, device=device, dtype=dtype)
     return lstm, hyper, x
 
@@ -65,6 +65,85 @@ def run_case(case: Case, backends=("torch",), repeats: int = 5, device="cpu") ->
                 "shape": asdict(case),
             })
     return rows
+
+
+@dataclass(frozen=True)
+class SamplingCase:
+    """Step-by-step calls (issue 19): sampling from a language model, one token per call, no
+    gradient. ``cell``: ``HyperLSTMCell`` against ``nn.LSTMCell``; ``layer``: ``HyperLSTM`` with
+    T=1 against ``nn.LSTM``, the state fed back every step."""
+
+    X: int = 64
+    H: int = 256
+    Hh: int = 64
+    E: int = 4
+    B: int = 1
+    steps: int = 200
+    target_cell: float = 2.0
+    target_layer: float = 1.5
+
+
+SAMPLING = SamplingCase()
+
+
+def sampling_fns(case: SamplingCase = SAMPLING, backend: str = "torch") -> Dict[str, object]:
+    """The four sampling loops of ``steps`` calls each, as zero-argument functions."""
+    from hyperkern import HyperLSTM, HyperLSTMCell
+
+    torch.manual_seed(0)
+    kw = dict(hyper_size=case.Hh, embed_size=case.E)
+    cells = {"nn.LSTMCell": torch.nn.LSTMCell(case.X, case.H),
+             "HyperLSTMCell": HyperLSTMCell(case.X, case.H, backend=backend, **kw)}
+    layers = {"nn.LSTM": torch.nn.LSTM(case.X, case.H), "HyperLSTM": HyperLSTM(case.X, case.H, backend=backend, **kw)}
+    x = torch.randn(case.B, case.X)
+
+    def cell_loop(cell):
+        def run():
+            with torch.no_grad():
+                hx = None
+                for _ in range(case.steps):
+                    out = cell(x, hx)  # nn.LSTMCell: (h, c); HyperLSTMCell: (h, state)
+                    hx = out if isinstance(cell, torch.nn.LSTMCell) else out[1]
+        return run
+
+    def layer_loop(layer):
+        x1 = x.unsqueeze(0)
+
+        def run():
+            with torch.no_grad():
+                hx = None
+                for _ in range(case.steps):
+                    _, hx = layer(x1, hx)
+        return run
+
+    fns = {k: cell_loop(m) for k, m in cells.items()}
+    fns.update({k: layer_loop(m) for k, m in layers.items()})
+    return fns
+
+
+def run_sampling(case: SamplingCase = SAMPLING, repeats: int = 7) -> List[dict]:
+    """The sampling loops timed interleaved in one process: µs per step and the ratios
+    HyperLSTMCell / nn.LSTMCell and HyperLSTM / nn.LSTM."""
+    times = time_interleaved(sampling_fns(case), repeats)
+    rows = []
+    for name, base, target in (("HyperLSTMCell", "nn.LSTMCell", case.target_cell),
+                               ("HyperLSTM", "nn.LSTM", case.target_layer)):
+        for n in (base, name):
+            rows.append({"case": "sampling", "model": n, "us_per_step": times[n] / case.steps * 1e6,
+                         "ratio": times[n] / times[base], "target_ratio": None if n == base else target,
+                         "shape": asdict(case)})
+    return rows
+
+
+def format_sampling(rows: List[dict]) -> str:
+    c = rows[0]["shape"]
+    lines = [f"sampling loop: {c['steps']} calls of one step, X={c['X']} H={c['H']} Hh={c['Hh']} E={c['E']} "
+             f"B={c['B']}, no grad"]
+    for r in rows:
+        flag = "" if r["target_ratio"] is None else (
+            f"  <={r['target_ratio']:.1f} " + ("met" if r["ratio"] <= r["target_ratio"] else "MISSED"))
+        lines.append(f"  {r['model']:14s} {r['us_per_step']:8.1f} µs/step  ratio {r['ratio']:5.2f}{flag}")
+    return "\n".join(lines)
 
 
 def format_rows(rows: List[dict]) -> str:
@@ -176,10 +255,14 @@ def main(out: str = "bench-results", quick: bool = False, cases=None, gpu_check:
     for case in selected:
         rows += run_case(case, backends=backends, repeats=3 if quick else 7, device=device)
     print(format_rows(rows))
+    result_sampling = run_sampling(repeats=3 if quick else 7) if device == "cpu" else []
+    if result_sampling:
+        print(format_sampling(result_sampling))
     from hyperkern.ops.hyper_lstm.cpu import gemm
 
     print(gemm.format_choices())
-    result = {"machine": machine, "device": device, "measured": rows, "gemm_choices": gemm.choices()}
+    result = {"machine": machine, "device": device, "measured": rows, "sampling": result_sampling,
+              "gemm_choices": gemm.choices()}
     print()
     result["gpu_model"] = perf_model.rows()
     print(perf_model.format_table(result["gpu_model"]))

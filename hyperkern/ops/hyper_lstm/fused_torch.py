@@ -29,6 +29,8 @@ length, so at step t only the first ``n_t`` rows are alive; the rest keep their 
 """
 from __future__ import annotations
 
+import collections
+import threading
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -167,6 +169,86 @@ def _cell_args(cell: _Cell) -> List[Tensor]:
     return [t if t is not None else cell.shift for t in (cell.ln_w, cell.shift, cell.cw, cell.cb)]
 
 
+# --------------------------------------------------------------------------------------------
+# derived weights, cached per parameter version
+# --------------------------------------------------------------------------------------------
+
+class _Derived:
+    """What a call derives from the parameters before its loop (concatenations, transposes, the
+    cells' constants, the GEMMs' packed weights): computed once per version of the parameters and
+    kept, so that a one-step call (sampling, ``HyperLSTMCell``) does only what a step needs."""
+
+    def __init__(self, p: Dict[str, Tensor], cfg: CellConfig, like: Tensor):
+        X, H, K, E = cfg.input_size, cfg.hidden_size, cfg.hyper_size, cfg.embed_size
+        self.p = p
+        self.bias = p["bias"]
+        self.W_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]])  # [4H+4K, X]
+        self.xp_bias = torch.cat([p["bias"].new_zeros(4 * H), p["hyper_bias"]])
+        # the hyper cell's two recurrent matmuls as one, over [h_{t-1} | h_hat_{t-1}]
+        self.W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
+        self.z_b = torch.cat([p["z_bias"], p["z_bias"].new_zeros(4 * E)])
+        self.dwT = p["d_weight"].transpose(1, 2).contiguous()  # [12, E, H]
+        self.z_wT = p["z_weight"].t().contiguous()  # [Hh, 12E]
+        self.main, self.hyper = _cells(cfg, p, like)
+        self.main_args, self.hyper_args = _cell_args(self.main), _cell_args(self.hyper)
+        self._lin: Dict[tuple, Linear] = {}
+        self._t: Dict[str, Tensor] = {}
+
+    def linear(self, name: str, batch: int, uses: int) -> Linear:
+        """The chosen GEMM for weight ``name`` ("hh", "rec", "hh_t", "rec_t"), packed once."""
+        key = (name, batch, uses)
+        lin = self._lin.get(key)
+        if lin is None:
+            W = {"hh": lambda: self.p["weight_hh"], "rec": lambda: self.W_rec,
+                 "hh_t": lambda: self.transposed("hh"), "rec_t": lambda: self.transposed("rec")}[name]()
+            lin = self._lin[key] = Linear(W, batch, uses)
+        return lin
+
+    def transposed(self, name: str) -> Tensor:
+        """``W_hh^T`` / ``W_rec^T``, contiguous (the backward's GEMM operands)."""
+        if name not in self._t:
+            self._t[name] = (self.p["weight_hh"] if name == "hh" else self.W_rec).t().contiguous()
+        return self._t[name]
+
+
+DERIVED_CACHE_SIZE = 4  # parameter sets (cells) whose derived weights are kept, least recently used out
+_derived_cache: "collections.OrderedDict[tuple, _Derived]" = collections.OrderedDict()
+_derived_lock = threading.Lock()
+
+
+def _derived(p: Dict[str, Tensor], cfg: CellConfig, like: Tensor) -> _Derived:
+    """The derived weights for these parameters, from the cache when no parameter changed since.
+
+    The key is each parameter's storage address, shape, strides and version counter (bumped by
+    every in-place write through the tensor or its views: an optimizer step, ``copy_``,
+    ``load_state_dict``), plus the config. The entry keeps the parameters it was made from alive,
+    so their addresses cannot be reused by other tensors while it is cached. Writes through
+    ``.data`` do not bump a tensor's version (autograd does not see them either): after such a
+    write, call :func:`clear_derived_cache`."""
+    try:
+        key = (cfg, like.dtype, like.device) + tuple(
+            (q.data_ptr(), q._version, q.shape, q.stride()) for q in p.values())
+    except (RuntimeError, NotImplementedError):  # inference tensors / tensor subclasses: no version to key on
+        return _Derived(p, cfg, like)
+    with _derived_lock:
+        d = _derived_cache.get(key)
+        if d is not None:
+            _derived_cache.move_to_end(key)
+            return d
+    d = _Derived(p, cfg, like)
+    with _derived_lock:
+        _derived_cache[key] = d
+        while len(_derived_cache) > DERIVED_CACHE_SIZE:
+            _derived_cache.popitem(last=False)
+    return d
+
+
+def clear_derived_cache() -> None:
+    """Forget every cached derived weight (needed only after writing parameters through ``.data``)."""
+    with _derived_lock:
+        _derived_cache.clear()
+
+
 def _loop_impl(x: Tensor):
     """The built C++ extension if it runs for ``x`` (building it on first use), else None (eager)."""
     return cpu.load() if cpu.applies(x) is None else None
@@ -208,15 +290,13 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
     T, B, X = x.shape
     H, K, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
     N = 4 * H + 4 * K
-    W_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]])  # [4H+4K, X]
-    xp_bias = torch.cat([p["bias"].new_zeros(4 * H), p["hyper_bias"]])
-    # the hyper cell's two recurrent matmuls as one, over [h_{t-1} | h_hat_{t-1}]
-    W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
-    lin_hh, lin_rec = Linear(p["weight_hh"], B, uses=T), Linear(W_rec, B, uses=T)
-    z_b = torch.cat([p["z_bias"], p["z_bias"].new_zeros(4 * E)])
-    dwT = p["d_weight"].transpose(1, 2).contiguous()  # [12, E, H]
-    z_wT = p["z_weight"].t().contiguous()  # [Hh, 12E]
-    main, hyper = _cells(cfg, p, x)
+    d = _derived(p, cfg, x)
+    W_x, xp_bias, z_b, dwT, z_wT, main, hyper = d.W_x, d.xp_bias, d.z_b, d.dwT, d.z_wT, d.main, d.hyper
+    lin_hh, lin_rec = d.linear("hh", B, T), d.linear("rec", B, T)
+    ext = _loop_impl(x)
+    if ext is not None and not save and counts[-1] == B:  # inference: the whole call in one C++ call
+        return ext.forward_infer(x, *state, W_x, xp_bias, lin_hh.arg(), lin_rec.arg(), d.bias, z_wT, z_b, dwT,
+                                 d.main_args, d.hyper_args, m_main, m_hyper, cfg.layer_norm, cfg.ln_eps, XP_CHUNK)
 
     HS = x.new_empty(T + 1, B, H + K)  # [h_t | h_hat_t], the matmul operand of every step
     C, CH = x.new_empty(T + 1, B, H), x.new_empty(T + 1, B, K)  # c_t, c_hat_t
@@ -228,7 +308,6 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
     A, AH, WH, Z = (new(kept, B, w).expand(T, B, w) for w in (4 * H, 4 * K, 4 * H, NUM_PATHS * E))
     S = new(kept, 2, B, N_STATS if cfg.layer_norm else 0).expand(T, -1, -1, -1)
     SH = S[:, 1]
-    ext = _loop_impl(x)
     # The hoisted input projection of both cells (hyper bias folded in), one GEMM over many steps:
     # all T when training (the backward reads XP), else XP_CHUNK steps at a time into one reused
     # buffer (first touching a fresh [T, B, 4H+4Hh] buffer costs more than the GEMM; see
@@ -242,8 +321,8 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
         per_step = [v[t0:t1] for v in (A, AH, WH, Z, S[:, 0], SH)]
         masks = [None if m is None else m[t0:t1] for m in (m_main, m_hyper)]
         if ext is not None:
-            ext.forward_loop(XP, *states, *per_step, lin_hh.arg(), lin_rec.arg(), p["bias"].contiguous(), z_wT, z_b,
-                             dwT, _cell_args(main), _cell_args(hyper), *masks, counts[t0:t1], cfg.layer_norm,
+            ext.forward_loop(XP, *states, *per_step, lin_hh.arg(), lin_rec.arg(), d.bias, z_wT, z_b,
+                             dwT, d.main_args, d.hyper_args, *masks, counts[t0:t1], cfg.layer_norm,
                              cfg.ln_eps, save)
         else:
             _eager_forward_loop(XP, *states, *per_step, lin_hh, lin_rec, p["bias"], p["z_weight"], z_b, dwT, main,
@@ -315,11 +394,10 @@ def _backward(x: Tensor, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int
     S, SH = S[:, 0], S[:, 1]
     T, B, X = x.shape
     H, K, E = cfg.hidden_size, cfg.hyper_size, cfg.embed_size
-    main, hyper = _cells(cfg, p, x)
-    dwT = p["d_weight"].transpose(1, 2).contiguous()
-    W_rec = torch.cat([p["hyper_weight_ih"][:, X:], p["hyper_weight_hh"]], 1)  # [4K, H+K]
-    lin_hh_t = Linear(p["weight_hh"].t().contiguous(), B, uses=T)  # d(W_hh h) @ W_hh
-    lin_rec_t = Linear(W_rec.t().contiguous(), B, uses=T)
+    d = _derived(p, cfg, x)
+    main, hyper, dwT = d.main, d.hyper, d.dwT
+    lin_hh_t = d.linear("hh_t", B, T)  # d(W_hh h) @ W_hh
+    lin_rec_t = d.linear("rec_t", B, T)
     dh, dc, dhh, dch = (g.clone() if g is not None else x.new_zeros(B, n) for g, n in zip(d_final, (H, H, K, K)))
     d_out = d_out.contiguous() if d_out is not None else None
     # per-step gradients the post-loop GEMMs consume (the loop writes every row alive; rows of
@@ -335,7 +413,7 @@ def _backward(x: Tensor, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int
     ext = _loop_impl(x)
     if ext is not None:
         ext.backward_loop(XP, C, CH, A, AH, WH, Z, S, SH, d_out, dh, dc, dhh, dch, DXP, DWH, DZ, acc, lin_hh_t.arg(),
-                          lin_rec_t.arg(), p["z_weight"].contiguous(), dwT, _cell_args(main), _cell_args(hyper),
+                          lin_rec_t.arg(), p["z_weight"], dwT, d.main_args, d.hyper_args,
                           m_main, m_hyper, counts, cfg.layer_norm, cfg.ln_eps)
     else:
         _eager_backward_loop(XP, C, CH, A, AH, WH, Z, S, SH, d_out, dh, dc, dhh, dch, DXP, DWH, DZ, acc, lin_hh_t,
@@ -343,8 +421,7 @@ def _backward(x: Tensor, p: Dict[str, Tensor], cfg: CellConfig, counts: List[int
 
     # every weight gradient that sums over time: one large matmul each
     DXP2, TB = DXP.view(T * B, 4 * H + 4 * K), T * B
-    W_x = torch.cat([p["weight_ih"], p["hyper_weight_ih"][:, :X]])
-    dx = (DXP2 @ W_x).view(T, B, X)
+    dx = (DXP2 @ d.W_x).view(T, B, X)
     dW_x = DXP2.t() @ x.reshape(TB, X)  # [4H+4K, X]
     dW_rec = DXP2[:, 4 * H:].t() @ HS[:T].reshape(TB, H + K)  # [4K, H+K]
     grads = {

@@ -87,36 +87,49 @@ void dot_rows(const T* x, int64_t ldx, int64_t M, const T* W, int64_t K, T* y, i
   }
 }
 
-// One product of a pair: y [M, N] = x [M, K] @ W [N, K]^T (x's rows may be strided)
+// One product of a pair: y [M, N] = x [M, K] @ W [N, K]^T, raw pointers (x's and y's rows strided,
+// W dense): building it costs no tensor operation, so a step of a small shape pays none
 struct DotJob {
-  Tensor x, W, y;
+  const void* x;
+  int64_t ldx, M;
+  const void* W;
+  int64_t N, K;
+  void* y;
+  int64_t ldy;
 };
+
+inline DotJob dot_job(const Tensor& x, const Tensor& W, const Tensor& y) {
+  TORCH_CHECK(x.stride(1) == 1 && W.is_contiguous() && y.stride(1) == 1 && x.scalar_type() == W.scalar_type() &&
+              y.scalar_type() == W.scalar_type(), "dot: dense rows of one dtype expected");
+  return DotJob{x.data_ptr(), x.stride(0), x.size(0), W.data_ptr(), W.size(0), W.size(1), y.data_ptr(), y.stride(0)};
+}
 
 // Both products of a step in ONE parallel region (one fork/join per step, the rows of both
 // weights split evenly over the threads by bytes of W read)
-inline void dot_jobs(const std::vector<DotJob>& jobs) {
-  int64_t total = 0;
-  std::vector<int64_t> start;
+template <typename T>
+void dot_jobs(std::initializer_list<DotJob> jobs) {
+  int64_t total = 0, start[4];
+  int i = 0;
   for (const auto& j : jobs) {
-    start.push_back(total);
-    total += j.W.size(0) * j.W.size(1);  // work ~ elements of W
+    start[i++] = total;
+    total += j.N * j.K * j.M;  // work ~ multiply-adds
   }
   if (total == 0) return;
-  const int64_t units = 1024;  // the work split into units of ~total/1024 elements
-  AT_DISPATCH_FLOATING_TYPES(jobs[0].W.scalar_type(), "hyper_lstm_dot", [&] {
-    at::parallel_for(0, units, 16, [&](int64_t u0, int64_t u1) {
-      const int64_t e0 = total * u0 / units, e1 = total * u1 / units;
-      for (size_t i = 0; i < jobs.size(); ++i) {
-        const auto& j = jobs[i];
-        const int64_t K = j.W.size(1), N = j.W.size(0);
-        // rows of this job whose first element falls in [e0, e1)
-        const int64_t r0 = std::min(N, std::max<int64_t>(0, (e0 - start[i] + K - 1) / K));
-        const int64_t r1 = std::min(N, std::max<int64_t>(0, (e1 - start[i] + K - 1) / K));
-        if (r0 < r1)
-          dot_rows<scalar_t>(j.x.data_ptr<scalar_t>(), j.x.stride(0), j.x.size(0), j.W.data_ptr<scalar_t>(), K,
-                             j.y.data_ptr<scalar_t>(), j.y.stride(0), r0, r1);
-      }
-    });
+  const int64_t units = 1024;  // the work split into units of ~total/1024 multiply-adds
+  // a small product runs on this thread alone: a fork/join costs more than it saves
+  const int64_t grain = total < 65536 ? units : 16;
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t e0 = total * u0 / units, e1 = total * u1 / units;
+    int i = 0;
+    for (const auto& j : jobs) {
+      const int64_t per_row = j.K * j.M, s = start[i++];
+      // rows of this job whose first multiply-add falls in [e0, e1)
+      const int64_t r0 = std::min(j.N, std::max<int64_t>(0, (e0 - s + per_row - 1) / per_row));
+      const int64_t r1 = std::min(j.N, std::max<int64_t>(0, (e1 - s + per_row - 1) / per_row));
+      if (r0 < r1)
+        dot_rows<T>(static_cast<const T*>(j.x), j.ldx, j.M, static_cast<const T*>(j.W), j.K, static_cast<T*>(j.y),
+                    j.ldy, r0, r1);
+    }
   });
 }
 
@@ -143,8 +156,7 @@ struct Gemm {
       return stack[0].toTensor();
     }
     if (kind == 3) {
-      TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous() && out.stride(1) == 1, "dot: dense rows expected");
-      dot_jobs({DotJob{x, w, out}});
+      AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "hyper_lstm_dot", [&] { dot_jobs<scalar_t>({dot_job(x, w, out)}); });
       return out;
     }
     return at::mm_out(out, x, w.t());
@@ -395,29 +407,49 @@ void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
   T* hb = h_buf.data_ptr<T>();
   const T *bias_p = bias.data_ptr<T>(), *zwT = z_wT.data_ptr<T>(), *zb = z_b.data_ptr<T>(), *dw = dwT.data_ptr<T>();
   const T *mm_p = ptr_or_null<T>(m_main), *mh_p = ptr_or_null<T>(m_hyper);
+  // step t's slice of each buffer by pointer arithmetic (no tensor operation per step: at a small
+  // shape ~20 of them cost as much as the step's maths); within a step, rows are dense
+  auto at_t = [](const Tensor& X) { return std::make_pair(X.data_ptr<T>(), X.stride(0)); };
+  const auto [XP0, XPs] = at_t(XP);
+  const auto [HS0, HSs] = at_t(HS);
+  const auto [C0, Cs] = at_t(C);
+  const auto [CH0, CHs] = at_t(CH);
+  const auto [A0, As] = at_t(A);
+  const auto [AH0, AHs] = at_t(AH);
+  const auto [WH0, WHs] = at_t(WH);
+  const auto [Z0, Zs] = at_t(Z);
+  const auto [S0, Ss] = at_t(S);
+  const auto [SH0, SHs] = at_t(SH);
+  TORCH_CHECK(S.size(1) == B && (S.size(2) == 0 || S.stride(1) == S.size(2)), "forward loop: S rows must be dense");
+  const bool both_dot = g_rec.kind == 3 && g_hh.kind == 3;
+  T *gh_b = gh_buf.data_ptr<T>(), *wh_b = wh_buf.data_ptr<T>();
+  Tensor gh_keep, wh_keep;  // the products of the library variants (they may allocate their own)
   for (int64_t t = 0; t < T_; ++t) {
     const int64_t n = counts[t];
+    T *hs0 = HS0 + t * HSs, *hs1 = HS0 + (t + 1) * HSs, *c0 = C0 + t * Cs, *c1 = C0 + (t + 1) * Cs;
+    T *ch0 = CH0 + t * CHs, *ch1 = CH0 + (t + 1) * CHs;
     if (n < B) {  // finished sequences carry their state
-      HS[t + 1].narrow(0, n, B - n).copy_(HS[t].narrow(0, n, B - n));
-      C[t + 1].narrow(0, n, B - n).copy_(C[t].narrow(0, n, B - n));
-      CH[t + 1].narrow(0, n, B - n).copy_(CH[t].narrow(0, n, B - n));
+      std::copy(hs0 + n * NS, hs0 + B * NS, hs1 + n * NS);
+      std::copy(c0 + n * H, c0 + B * H, c1 + n * H);
+      std::copy(ch0 + n * K, ch0 + B * K, ch1 + n * K);
     }
-    Tensor hs = HS[t].narrow(0, 0, n);
-    Tensor gh, wh;
-    if (g_rec.kind == 3 && g_hh.kind == 3) {  // both "dot": one parallel region for the two
-      gh = gh_buf.narrow(0, 0, n), wh = wh_buf.narrow(0, 0, n);
-      dot_jobs({DotJob{hs, g_rec.w, gh}, DotJob{h_buf.narrow(0, 0, n), g_hh.w, wh}});
+    const T *gh_p, *wh_p;
+    if (both_dot) {  // both "dot": one parallel region for the two, no tensor made
+      dot_jobs<T>({DotJob{hs0, NS, n, g_rec.w.data_ptr(), g_rec.w.size(0), g_rec.w.size(1), gh_b, 4 * K},
+                   DotJob{hb, H, n, g_hh.w.data_ptr(), g_hh.w.size(0), g_hh.w.size(1), wh_b, 4 * H}});
+      gh_p = gh_b, wh_p = wh_b;
     } else {
-      gh = g_rec(hs, gh_buf.narrow(0, 0, n)).contiguous();                    // [h|ĥ] @ W_rec^T
-      wh = g_hh(h_buf.narrow(0, 0, n), wh_buf.narrow(0, 0, n)).contiguous();  // h @ W_hh^T
+      Tensor hs = HS[t].narrow(0, 0, n);
+      gh_keep = g_rec(hs, gh_buf.narrow(0, 0, n)).contiguous();                    // [h|ĥ] @ W_rec^T
+      wh_keep = g_hh(h_buf.narrow(0, 0, n), wh_buf.narrow(0, 0, n)).contiguous();  // h @ W_hh^T
+      gh_p = gh_keep.data_ptr<T>(), wh_p = wh_keep.data_ptr<T>();
     }
-    const T *gh_p = gh.data_ptr<T>(), *wh_p = wh.data_ptr<T>(), *xp = XP[t].data_ptr<T>();
-    T *hs1 = HS[t + 1].data_ptr<T>(), *c0 = C[t].data_ptr<T>(), *c1 = C[t + 1].data_ptr<T>();
-    T *ch0 = CH[t].data_ptr<T>(), *ch1 = CH[t + 1].data_ptr<T>(), *a = A[t].data_ptr<T>(), *ah = AH[t].data_ptr<T>();
-    T *whs = WH[t].data_ptr<T>(), *z = Z[t].data_ptr<T>(), *s = S[t].data_ptr<T>(), *sh = SH[t].data_ptr<T>();
+    const T* xp = XP0 + t * XPs;
+    T *a = A0 + t * As, *ah = AH0 + t * AHs;
+    T *whs = WH0 + t * WHs, *z = Z0 + t * Zs, *s = S0 + t * Ss, *sh = SH0 + t * SHs;
     const int64_t ns = S.size(2);
     const T *mm = mm_p ? mm_p + t * B * H : nullptr, *mh = mh_p ? mh_p + t * B * K : nullptr;
-    RECORD_FUNCTION("hyper_lstm_cpu::forward_rows", std::vector<c10::IValue>());  // a torch.profiler range
+    RECORD_FUNCTION("hyper_lstm_cpu::forward_rows", c10::ArrayRef<const c10::IValue>{});  // a torch.profiler range
     at::parallel_for(0, n, row_grain(24 * H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         // hyper cell: â = [h|ĥ] W_rec^T + (x W^T + hyper_bias)
@@ -469,6 +501,56 @@ void forward_loop(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
     forward_impl<scalar_t>(XP, HS, C, CH, A, AH, WH, Z, S, SH, make_gemm(g_hh), make_gemm(g_rec), bias, z_wT, z_b,
                            dwT, main, hyper, m_main, m_hyper, counts, keep_wh);
   });
+}
+
+// A whole inference call (no gradient kept, every sequence of full length) in one C++ call: the
+// buffers, the state copies, the input projection (XP_CHUNK steps per GEMM into one reused
+// buffer), the loop and the outputs, as fused_torch._forward does them op by op in Python. A
+// one-step call (sampling, HyperLSTMCell) then crosses from Python once instead of ~40 times.
+std::vector<Tensor> forward_infer(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& hh0,
+                                  const Tensor& ch0, const Tensor& W_x, const Tensor& xp_bias, const GemmArg& g_hh,
+                                  const GemmArg& g_rec, const Tensor& bias, const Tensor& z_wT, const Tensor& z_b,
+                                  const Tensor& dwT, const std::vector<Tensor>& main_p,
+                                  const std::vector<Tensor>& hyper_p, const std::optional<Tensor>& m_main,
+                                  const std::optional<Tensor>& m_hyper, bool layer_norm, double eps, int64_t chunk) {
+  const int64_t T_ = x.size(0), B = x.size(1), X = x.size(2), H = c0.size(-1), K = ch0.size(-1);
+  const int64_t N = W_x.size(0), E = dwT.size(1), ns = layer_norm ? 10 : 0;
+  const auto opt = x.options();
+  Tensor HS = at::empty({T_ + 1, B, H + K}, opt), C = at::empty({T_ + 1, B, H}, opt), CH = at::empty({T_ + 1, B, K}, opt);
+  HS[0].narrow(1, 0, H).copy_(h0);
+  HS[0].narrow(1, H, K).copy_(hh0);
+  C[0].copy_(c0);
+  CH[0].copy_(ch0);
+  // one step's worth of the per-step tensors, reused every step
+  Tensor A = at::empty({1, B, 4 * H}, opt).expand({T_, B, 4 * H}), AH = at::empty({1, B, 4 * K}, opt).expand({T_, B, 4 * K});
+  Tensor WH = A, Z = at::empty({1, B, 12 * E}, opt).expand({T_, B, 12 * E});
+  Tensor S = at::empty({1, 2, B, ns}, opt).expand({T_, 2, B, ns});
+  chunk = std::max<int64_t>(1, std::min(chunk, T_));
+  Tensor xp_buf = at::empty({chunk * B, N}, opt);
+  const Gemm gh = make_gemm(g_hh), gr = make_gemm(g_rec);
+  const Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hyper_lstm_forward_infer", [&] {
+    auto main = make_cell<scalar_t>(H, layer_norm, eps, main_p[0], main_p[1], main_p[2], main_p[3]);
+    auto hyper = make_cell<scalar_t>(K, layer_norm, eps, hyper_p[0], hyper_p[1], hyper_p[2], hyper_p[3]);
+    for (int64_t t0 = 0; t0 < T_; t0 += chunk) {
+      const int64_t n = std::min(T_, t0 + chunk) - t0;
+      Tensor xp_out = xp_buf.narrow(0, 0, n * B);
+      Tensor XP = at::addmm_out(xp_out, xp_bias, xc.narrow(0, t0, n).reshape({n * B, X}), W_x.t())
+                      .view({n, B, N});
+      auto sl = [&](const std::optional<Tensor>& m) -> std::optional<Tensor> {
+        return m.has_value() ? std::optional<Tensor>(m->narrow(0, t0, n)) : std::nullopt;
+      };
+      Tensor Sv = S.narrow(0, t0, n);
+      forward_impl<scalar_t>(XP, HS.narrow(0, t0, n + 1), C.narrow(0, t0, n + 1), CH.narrow(0, t0, n + 1),
+                             A.narrow(0, t0, n), AH.narrow(0, t0, n), WH.narrow(0, t0, n), Z.narrow(0, t0, n),
+                             Sv.select(1, 0), Sv.select(1, 1), gh, gr, bias, z_wT, z_b, dwT, main, hyper, sl(m_main),
+                             sl(m_hyper), std::vector<int64_t>(n, B), false);
+    }
+  });
+  Tensor last = HS[T_];
+  return {HS.narrow(0, 1, T_).narrow(2, 0, H).clone(at::MemoryFormat::Contiguous),
+          last.narrow(1, 0, H).clone(at::MemoryFormat::Contiguous), C[T_].clone(),
+          last.narrow(1, H, K).clone(at::MemoryFormat::Contiguous), CH[T_].clone()};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -634,7 +716,7 @@ void backward_impl(const Tensor& XP, const Tensor& C, const Tensor& CH, const Te
     Tensor dhs, dhp;
     if (g_rec_t.kind == 3 && g_hh_t.kind == 3) {  // both "dot": one parallel region
       dhs = dhs_buf.narrow(0, 0, n), dhp = dh_buf.narrow(0, 0, n);
-      dot_jobs({DotJob{DAH.narrow(0, 0, n), g_rec_t.w, dhs}, DotJob{DWH[t].narrow(0, 0, n), g_hh_t.w, dhp}});
+      dot_jobs<T>({dot_job(DAH.narrow(0, 0, n), g_rec_t.w, dhs), dot_job(DWH[t].narrow(0, 0, n), g_hh_t.w, dhp)});
     } else {
       dhs = g_rec_t(DAH.narrow(0, 0, n), dhs_buf.narrow(0, 0, n));
       dhp = g_hh_t(DWH[t].narrow(0, 0, n), dh_buf.narrow(0, 0, n));
@@ -672,13 +754,17 @@ void backward_loop(const Tensor& XP, const Tensor& C, const Tensor& CH, const Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_loop", &forward_loop, "HyperLSTM forward time loop (see fused_torch.py)");
+  m.def("forward_infer", &forward_infer, "HyperLSTM inference call, buffers to outputs (see fused_torch.py)");
   m.def("backward_loop", &backward_loop, "HyperLSTM backward time loop (see fused_torch.py)");
   m.def("gemm", [](const GemmArg& g, const Tensor& x) {
     return make_gemm(g)(x, at::empty({x.size(0), std::get<1>(g).size(0)}, x.options()));
   }, "x @ W^T through the loop's own Gemm (tests check every variant against mm)");
   m.def("dot_pair", [](const Tensor& x1, const Tensor& w1, const Tensor& x2, const Tensor& w2) {
     Tensor y1 = at::empty({x1.size(0), w1.size(0)}, x1.options()), y2 = at::empty({x2.size(0), w2.size(0)}, x2.options());
-    dot_jobs({DotJob{x1, w1.contiguous(), y1}, DotJob{x2, w2.contiguous(), y2}});
+    Tensor v1 = w1.contiguous(), v2 = w2.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(w1.scalar_type(), "hyper_lstm_dot", [&] {
+      dot_jobs<scalar_t>({dot_job(x1, v1, y1), dot_job(x2, v2, y2)});
+    });
     return std::make_tuple(y1, y2);
   }, "(x1 @ w1^T, x2 @ w2^T) in one parallel region, as the loop runs two \"dot\" products of a step");
 }
