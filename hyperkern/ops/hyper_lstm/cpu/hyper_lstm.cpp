@@ -392,6 +392,21 @@ const T* ptr_or_null(const std::optional<Tensor>& t) {
 // Forward loop
 // ---------------------------------------------------------------------------------------------
 
+// The forward's buffers as base pointers and per-step strides (rows dense within a step)
+template <typename T>
+struct Steps {
+  T *XP, *HS, *C, *CH, *A, *AH, *WH, *Z, *S, *SH;
+  int64_t XPs, HSs, Cs, CHs, As, AHs, WHs, Zs, Ss, SHs;
+  int64_t T_, B, NX, NS, ns;
+  T *gh_b, *wh_b, *hb;  // scratch [B, 4K], [B, 4H], and h_t once more, dense [B, H]: the main GEMM's operand
+};
+
+template <typename T>
+void forward_steps(const Steps<T>& st, const Gemm& g_hh, const Gemm& g_rec, const Tensor& bias, const Tensor& z_wT,
+                   const Tensor& z_b, const Tensor& dwT, const Cell<T>& main, const Cell<T>& hyper,
+                   const std::optional<Tensor>& m_main, const std::optional<Tensor>& m_hyper,
+                   const std::vector<int64_t>& counts, bool keep_wh, const at::TensorOptions& opt);
+
 template <typename T>
 void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Tensor& CH, const Tensor& A,
                   const Tensor& AH, const Tensor& WH, const Tensor& Z, const Tensor& S, const Tensor& SH,
@@ -399,30 +414,36 @@ void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
                   const Tensor& dwT, const Cell<T>& main, const Cell<T>& hyper,
                   const std::optional<Tensor>& m_main, const std::optional<Tensor>& m_hyper,
                   const std::vector<int64_t>& counts, bool keep_wh) {
-  const int64_t T_ = XP.size(0), B = XP.size(1), H = main.K, K = hyper.K, E = dwT.size(1);
-  const int64_t NX = XP.size(2), NS = HS.size(2);
-  Tensor gh_buf = at::empty({B, 4 * K}, XP.options()), wh_buf = at::empty({B, 4 * H}, XP.options());
-  // h_t once more, contiguous: the main GEMM's operand (HS's rows are [h | ĥ])
-  Tensor h_buf = HS[0].narrow(1, 0, H).clone(at::MemoryFormat::Contiguous);  // (never a view of HS)
-  T* hb = h_buf.data_ptr<T>();
+  const int64_t B = XP.size(1), H = main.K, K = hyper.K;
+  TORCH_CHECK(S.size(1) == B && (S.size(2) == 0 || S.stride(1) == S.size(2)), "forward loop: S rows must be dense");
+  Tensor scratch = at::empty({B * (4 * K + 5 * H)}, XP.options());
+  T* sc = scratch.data_ptr<T>();
+  Steps<T> st{XP.data_ptr<T>(), HS.data_ptr<T>(), C.data_ptr<T>(), CH.data_ptr<T>(), A.data_ptr<T>(),
+              AH.data_ptr<T>(), WH.data_ptr<T>(), Z.data_ptr<T>(), S.data_ptr<T>(), SH.data_ptr<T>(),
+              XP.stride(0), HS.stride(0), C.stride(0), CH.stride(0), A.stride(0), AH.stride(0), WH.stride(0),
+              Z.stride(0), S.stride(0), SH.stride(0), XP.size(0), B, XP.size(2), HS.size(2), S.size(2),
+              sc, sc + B * 4 * K, sc + B * (4 * K + 4 * H)};
+  forward_steps<T>(st, g_hh, g_rec, bias, z_wT, z_b, dwT, main, hyper, m_main, m_hyper, counts, keep_wh, XP.options());
+}
+
+template <typename T>
+void forward_steps(const Steps<T>& st, const Gemm& g_hh, const Gemm& g_rec, const Tensor& bias, const Tensor& z_wT,
+                   const Tensor& z_b, const Tensor& dwT, const Cell<T>& main, const Cell<T>& hyper,
+                   const std::optional<Tensor>& m_main, const std::optional<Tensor>& m_hyper,
+                   const std::vector<int64_t>& counts, bool keep_wh, const at::TensorOptions& opt) {
+  const int64_t T_ = st.T_, B = st.B, H = main.K, K = hyper.K, E = dwT.size(1), NX = st.NX, NS = st.NS;
+  T* hb = st.hb;
+  for (int64_t b = 0; b < B; ++b) std::copy(st.HS + b * NS, st.HS + b * NS + H, hb + b * H);
   const T *bias_p = bias.data_ptr<T>(), *zwT = z_wT.data_ptr<T>(), *zb = z_b.data_ptr<T>(), *dw = dwT.data_ptr<T>();
   const T *mm_p = ptr_or_null<T>(m_main), *mh_p = ptr_or_null<T>(m_hyper);
   // step t's slice of each buffer by pointer arithmetic (no tensor operation per step: at a small
-  // shape ~20 of them cost as much as the step's maths); within a step, rows are dense
-  auto at_t = [](const Tensor& X) { return std::make_pair(X.data_ptr<T>(), X.stride(0)); };
-  const auto [XP0, XPs] = at_t(XP);
-  const auto [HS0, HSs] = at_t(HS);
-  const auto [C0, Cs] = at_t(C);
-  const auto [CH0, CHs] = at_t(CH);
-  const auto [A0, As] = at_t(A);
-  const auto [AH0, AHs] = at_t(AH);
-  const auto [WH0, WHs] = at_t(WH);
-  const auto [Z0, Zs] = at_t(Z);
-  const auto [S0, Ss] = at_t(S);
-  const auto [SH0, SHs] = at_t(SH);
-  TORCH_CHECK(S.size(1) == B && (S.size(2) == 0 || S.stride(1) == S.size(2)), "forward loop: S rows must be dense");
+  // shape ~20 of them cost as much as the step's maths)
+  T *const XP0 = st.XP, *const HS0 = st.HS, *const C0 = st.C, *const CH0 = st.CH, *const A0 = st.A;
+  T *const AH0 = st.AH, *const WH0 = st.WH, *const Z0 = st.Z, *const S0 = st.S, *const SH0 = st.SH;
+  const int64_t XPs = st.XPs, HSs = st.HSs, Cs = st.Cs, CHs = st.CHs, As = st.As, AHs = st.AHs, WHs = st.WHs;
+  const int64_t Zs = st.Zs, Ss = st.Ss, SHs = st.SHs;
   const bool both_dot = g_rec.kind == 3 && g_hh.kind == 3;
-  T *gh_b = gh_buf.data_ptr<T>(), *wh_b = wh_buf.data_ptr<T>();
+  T *gh_b = st.gh_b, *wh_b = st.wh_b;
   Tensor gh_keep, wh_keep;  // the products of the library variants (they may allocate their own)
   for (int64_t t = 0; t < T_; ++t) {
     const int64_t n = counts[t];
@@ -439,15 +460,15 @@ void forward_impl(const Tensor& XP, const Tensor& HS, const Tensor& C, const Ten
                    DotJob{hb, H, n, g_hh.w.data_ptr(), g_hh.w.size(0), g_hh.w.size(1), wh_b, 4 * H}});
       gh_p = gh_b, wh_p = wh_b;
     } else {
-      Tensor hs = HS[t].narrow(0, 0, n);
-      gh_keep = g_rec(hs, gh_buf.narrow(0, 0, n)).contiguous();                    // [h|ĥ] @ W_rec^T
-      wh_keep = g_hh(h_buf.narrow(0, 0, n), wh_buf.narrow(0, 0, n)).contiguous();  // h @ W_hh^T
+      Tensor hs = at::from_blob(hs0, {n, NS}, {NS, 1}, opt), hv = at::from_blob(hb, {n, H}, opt);
+      gh_keep = g_rec(hs, at::from_blob(gh_b, {n, 4 * K}, opt)).contiguous();  // [h|ĥ] @ W_rec^T
+      wh_keep = g_hh(hv, at::from_blob(wh_b, {n, 4 * H}, opt)).contiguous();   // h @ W_hh^T
       gh_p = gh_keep.data_ptr<T>(), wh_p = wh_keep.data_ptr<T>();
     }
     const T* xp = XP0 + t * XPs;
     T *a = A0 + t * As, *ah = AH0 + t * AHs;
     T *whs = WH0 + t * WHs, *z = Z0 + t * Zs, *s = S0 + t * Ss, *sh = SH0 + t * SHs;
-    const int64_t ns = S.size(2);
+    const int64_t ns = st.ns;
     const T *mm = mm_p ? mm_p + t * B * H : nullptr, *mh = mh_p ? mh_p + t * B * K : nullptr;
     RECORD_FUNCTION("hyper_lstm_cpu::forward_rows", c10::ArrayRef<const c10::IValue>{});  // a torch.profiler range
     at::parallel_for(0, n, row_grain(24 * H), [&](int64_t b0, int64_t b1) {
@@ -514,43 +535,67 @@ std::vector<Tensor> forward_infer(const Tensor& x, const Tensor& h0, const Tenso
                                   const std::vector<Tensor>& hyper_p, const std::optional<Tensor>& m_main,
                                   const std::optional<Tensor>& m_hyper, bool layer_norm, double eps, int64_t chunk) {
   const int64_t T_ = x.size(0), B = x.size(1), X = x.size(2), H = c0.size(-1), K = ch0.size(-1);
-  const int64_t N = W_x.size(0), E = dwT.size(1), ns = layer_norm ? 10 : 0;
+  const int64_t N = W_x.size(0), E = dwT.size(1), ns = layer_norm ? 10 : 0, NS = H + K;
   const auto opt = x.options();
-  Tensor HS = at::empty({T_ + 1, B, H + K}, opt), C = at::empty({T_ + 1, B, H}, opt), CH = at::empty({T_ + 1, B, K}, opt);
-  HS[0].narrow(1, 0, H).copy_(h0);
-  HS[0].narrow(1, H, K).copy_(hh0);
-  C[0].copy_(c0);
-  CH[0].copy_(ch0);
-  // one step's worth of the per-step tensors, reused every step
-  Tensor A = at::empty({1, B, 4 * H}, opt).expand({T_, B, 4 * H}), AH = at::empty({1, B, 4 * K}, opt).expand({T_, B, 4 * K});
-  Tensor WH = A, Z = at::empty({1, B, 12 * E}, opt).expand({T_, B, 12 * E});
-  Tensor S = at::empty({1, 2, B, ns}, opt).expand({T_, 2, B, ns});
   chunk = std::max<int64_t>(1, std::min(chunk, T_));
-  Tensor xp_buf = at::empty({chunk * B, N}, opt);
+  // ONE workspace for every buffer of the call (the outputs apart: no two of them may alias)
+  const int64_t nHS = (T_ + 1) * B * NS, nC = (T_ + 1) * B * H, nCH = (T_ + 1) * B * K, nA = B * 4 * H,
+                nAH = B * 4 * K, nZ = B * 12 * E, nS = 2 * B * ns, nXP = chunk * B * N, nSc = B * (4 * K + 5 * H);
+  Tensor ws = at::empty({nHS + nC + nCH + nA + nAH + nZ + nS + nXP + nSc}, opt);
+  Tensor out = at::empty({T_, B, H}, opt), h1 = at::empty({B, H}, opt), c1 = at::empty({B, H}, opt);
+  Tensor hh1 = at::empty({B, K}, opt), ch1 = at::empty({B, K}, opt);
   const Gemm gh = make_gemm(g_hh), gr = make_gemm(g_rec);
-  const Tensor xc = x.contiguous();
+  const Tensor xc = x.contiguous(), h0c = h0.contiguous(), c0c = c0.contiguous(), hh0c = hh0.contiguous(),
+               ch0c = ch0.contiguous();
+  TORCH_CHECK(h0c.scalar_type() == x.scalar_type() && ch0c.scalar_type() == x.scalar_type(), "forward_infer: state dtype");
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hyper_lstm_forward_infer", [&] {
-    auto main = make_cell<scalar_t>(H, layer_norm, eps, main_p[0], main_p[1], main_p[2], main_p[3]);
-    auto hyper = make_cell<scalar_t>(K, layer_norm, eps, hyper_p[0], hyper_p[1], hyper_p[2], hyper_p[3]);
+    using T = scalar_t;
+    T* w = ws.data_ptr<T>();
+    T *HS = w, *C = HS + nHS, *CH = C + nC, *A = CH + nCH, *AH = A + nA, *Z = AH + nAH, *S = Z + nZ, *XP = S + nS;
+    T* sc = XP + nXP;
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy(h0c.data_ptr<T>() + b * H, h0c.data_ptr<T>() + (b + 1) * H, HS + b * NS);
+      std::copy(hh0c.data_ptr<T>() + b * K, hh0c.data_ptr<T>() + (b + 1) * K, HS + b * NS + H);
+    }
+    std::copy(c0c.data_ptr<T>(), c0c.data_ptr<T>() + B * H, C);
+    std::copy(ch0c.data_ptr<T>(), ch0c.data_ptr<T>() + B * K, CH);
+    auto main = make_cell<T>(H, layer_norm, eps, main_p[0], main_p[1], main_p[2], main_p[3]);
+    auto hyper = make_cell<T>(K, layer_norm, eps, hyper_p[0], hyper_p[1], hyper_p[2], hyper_p[3]);
+    const T* xb = xc.data_ptr<T>();
+    const T* xpb = xp_bias.data_ptr<T>();
+    const bool small = chunk * B <= 4 && W_x.is_contiguous();
     for (int64_t t0 = 0; t0 < T_; t0 += chunk) {
       const int64_t n = std::min(T_, t0 + chunk) - t0;
-      Tensor xp_out = xp_buf.narrow(0, 0, n * B);
-      Tensor XP = at::addmm_out(xp_out, xp_bias, xc.narrow(0, t0, n).reshape({n * B, X}), W_x.t())
-                      .view({n, B, N});
+      // the input projection of both cells for these n steps (hyper bias folded in)
+      if (small) {
+        dot_jobs<T>({DotJob{xb + t0 * B * X, X, n * B, W_x.data_ptr(), N, X, XP, N}});
+        for (int64_t r = 0; r < n * B; ++r)
+          vfor<T>(N, [&](int64_t j, int64_t c) { (ld(XP + r * N + j, c) + ld(xpb + j, c)).store(XP + r * N + j, c); });
+      } else {
+        Tensor xp_out = at::from_blob(XP, {n * B, N}, opt);
+        at::addmm_out(xp_out, xp_bias, xc.narrow(0, t0, n).reshape({n * B, X}), W_x.t());
+      }
       auto sl = [&](const std::optional<Tensor>& m) -> std::optional<Tensor> {
         return m.has_value() ? std::optional<Tensor>(m->narrow(0, t0, n)) : std::nullopt;
       };
-      Tensor Sv = S.narrow(0, t0, n);
-      forward_impl<scalar_t>(XP, HS.narrow(0, t0, n + 1), C.narrow(0, t0, n + 1), CH.narrow(0, t0, n + 1),
-                             A.narrow(0, t0, n), AH.narrow(0, t0, n), WH.narrow(0, t0, n), Z.narrow(0, t0, n),
-                             Sv.select(1, 0), Sv.select(1, 1), gh, gr, bias, z_wT, z_b, dwT, main, hyper, sl(m_main),
-                             sl(m_hyper), std::vector<int64_t>(n, B), false);
+      // per-step tensors: one step's worth, reused every step (stride 0 in time)
+      Steps<T> st{XP, HS + t0 * B * NS, C + t0 * B * H, CH + t0 * B * K, A, AH, A, Z, S, S + B * ns,
+                  B * N, B * NS, B * H, B * K, 0, 0, 0, 0, 0, 0, n, B, N, NS, ns,
+                  sc, sc + B * 4 * K, sc + B * (4 * K + 4 * H)};
+      forward_steps<T>(st, gh, gr, bias, z_wT, z_b, dwT, main, hyper, sl(m_main), sl(m_hyper),
+                       std::vector<int64_t>(n, B), false, opt);
     }
+    T *o = out.data_ptr<T>(), *last = HS + T_ * B * NS;
+    for (int64_t t = 0; t < T_; ++t)
+      for (int64_t b = 0; b < B; ++b) std::copy(HS + ((t + 1) * B + b) * NS, HS + ((t + 1) * B + b) * NS + H, o + (t * B + b) * H);
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy(last + b * NS, last + b * NS + H, h1.data_ptr<T>() + b * H);
+      std::copy(last + b * NS + H, last + (b + 1) * NS, hh1.data_ptr<T>() + b * K);
+    }
+    std::copy(C + T_ * B * H, C + (T_ + 1) * B * H, c1.data_ptr<T>());
+    std::copy(CH + T_ * B * K, CH + (T_ + 1) * B * K, ch1.data_ptr<T>());
   });
-  Tensor last = HS[T_];
-  return {HS.narrow(0, 1, T_).narrow(2, 0, H).clone(at::MemoryFormat::Contiguous),
-          last.narrow(1, 0, H).clone(at::MemoryFormat::Contiguous), C[T_].clone(),
-          last.narrow(1, H, K).clone(at::MemoryFormat::Contiguous), CH[T_].clone()};
+  return {out, h1, c1, hh1, ch1};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -755,6 +800,15 @@ void backward_loop(const Tensor& XP, const Tensor& C, const Tensor& CH, const Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_loop", &forward_loop, "HyperLSTM forward time loop (see fused_torch.py)");
   m.def("forward_infer", &forward_infer, "HyperLSTM inference call, buffers to outputs (see fused_torch.py)");
+  m.def("param_key", [](const std::vector<Tensor>& ts) {
+    std::vector<int64_t> key;
+    key.reserve(2 * ts.size());
+    for (const Tensor& t : ts) {
+      key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+      key.push_back(static_cast<int64_t>(t._version()));
+    }
+    return key;
+  }, "(data_ptr, version) of each tensor, flat: the derived-weight cache's key (fused_torch._derived)");
   m.def("backward_loop", &backward_loop, "HyperLSTM backward time loop (see fused_torch.py)");
   m.def("gemm", [](const GemmArg& g, const Tensor& x) {
     return make_gemm(g)(x, at::empty({x.size(0), std::get<1>(g).size(0)}, x.options()));
