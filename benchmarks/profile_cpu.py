@@ -22,7 +22,7 @@ from hyperkern.bench import CASES, make_models
 from hyperkern.timing import machine_description
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "mkl::_mkl_linear", "mkldnn::_linear_pointwise", "aten::bmm",
-            "hyperkern::gemm_pair")
+            "hyper_lstm_cpu::dot_pair")
 
 
 def _median_time(fn, n=7):

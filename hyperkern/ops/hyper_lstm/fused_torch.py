@@ -49,6 +49,7 @@ _tanh_backward = torch.ops.aten.tanh_backward.default  # grad * (1 - y²), one o
 _tanh_backward_out = torch.ops.aten.tanh_backward.grad_input
 
 XP_CHUNK = 16  # steps per input-projection GEMM in inference (see _forward)
+INFER_IN_CPP = True  # an inference call (no lengths) as one C++ call (forward_infer); False: op by op below
 N_STATS = 10  # LN statistics kept per row and step: per-gate mean[4], rstd[4], LN(c) mean, rstd
 SAVED_NAMES = ("XP", "HS", "C", "CH", "A", "AH", "WH", "Z", "S")
 """What the forward keeps for the backward, each ``[T(+1), B, ·]``: the x-projections, the states
@@ -297,7 +298,7 @@ def _forward(x: Tensor, state, p: Dict[str, Tensor], cfg: CellConfig, counts: Li
     W_x, xp_bias, z_b, dwT, z_wT, main, hyper = d.W_x, d.xp_bias, d.z_b, d.dwT, d.z_wT, d.main, d.hyper
     lin_hh, lin_rec = d.linear("hh", B, T), d.linear("rec", B, T)
     ext = _loop_impl(x)
-    if ext is not None and not save and counts[-1] == B:  # inference: the whole call in one C++ call
+    if ext is not None and not save and counts[-1] == B and INFER_IN_CPP:  # inference: one C++ call
         return ext.forward_infer(x, *state, W_x, xp_bias, lin_hh.arg(), lin_rec.arg(), d.bias, z_wT, z_b, dwT,
                                  d.main_args, d.hyper_args, m_main, m_hyper, cfg.layer_norm, cfg.ln_eps, XP_CHUNK)
 

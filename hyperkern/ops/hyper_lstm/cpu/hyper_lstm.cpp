@@ -456,6 +456,7 @@ void forward_steps(const Steps<T>& st, const Gemm& g_hh, const Gemm& g_rec, cons
     }
     const T *gh_p, *wh_p;
     if (both_dot) {  // both "dot": one parallel region for the two, no tensor made
+      RECORD_FUNCTION("hyper_lstm_cpu::dot_pair", c10::ArrayRef<const c10::IValue>{});
       dot_jobs<T>({DotJob{hs0, NS, n, g_rec.w.data_ptr(), g_rec.w.size(0), g_rec.w.size(1), gh_b, 4 * K},
                    DotJob{hb, H, n, g_hh.w.data_ptr(), g_hh.w.size(0), g_hh.w.size(1), wh_b, 4 * H}});
       gh_p = gh_b, wh_p = wh_b;
@@ -760,6 +761,7 @@ void backward_impl(const Tensor& XP, const Tensor& C, const Tensor& CH, const Te
     // ---- d h_{t-1} = (d_h ⊙ da) W_hh + dâ W_rec[:, :H];  d ĥ_{t-1} = dâ W_rec[:, H:] ------------
     Tensor dhs, dhp;
     if (g_rec_t.kind == 3 && g_hh_t.kind == 3) {  // both "dot": one parallel region
+      RECORD_FUNCTION("hyper_lstm_cpu::dot_pair", c10::ArrayRef<const c10::IValue>{});
       dhs = dhs_buf.narrow(0, 0, n), dhp = dh_buf.narrow(0, 0, n);
       dot_jobs<T>({dot_job(DAH.narrow(0, 0, n), g_rec_t.w, dhs), dot_job(DWH[t].narrow(0, 0, n), g_hh_t.w, dhp)});
     } else {
