@@ -161,6 +161,9 @@ def test_direct_call_only_where_the_op_would_run_that_body(ext):
 
     with Mode():
         assert not fused_torch._direct_call_ok(x, st, flat)
+    seen = []
+    torch.vmap(lambda a: seen.append(fused_torch._direct_call_ok(a, st, flat)) or a)(torch.randn(2, 1, 1, 4))
+    assert seen == [False]
 
 
 # --- the derived-weight cache ----------------------------------------------------------------------

@@ -543,6 +543,13 @@ def hyper_lstm_sequence(x: Tensor, state, params, cfg: CellConfig, lengths: Leng
     return res[0], tuple(res[1:5])
 
 
+try:  # vmap / grad transforms wrap tensors without changing their Python type
+    _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+except AttributeError:  # pragma: no cover
+    def _functorch_wrapped(x):
+        return False
+
+
 def _direct_call_ok(x: Tensor, state, flat: List[Tensor]) -> bool:
     """Whether an inference call may run the op's body directly instead of through the dispatcher.
 
@@ -555,6 +562,6 @@ def _direct_call_ok(x: Tensor, state, flat: List[Tensor]) -> bool:
     if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
             or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0):
         return False
-    if type(x) is not Tensor or any(type(s) is not Tensor for s in state):
+    if type(x) is not Tensor or any(type(s) is not Tensor for s in state) or _functorch_wrapped(x):
         return False
     return all(type(q) is Tensor or type(q) is torch.nn.Parameter for q in flat)

@@ -78,7 +78,10 @@ def apply(variant: str, x: Tensor, W: Tensor, packed: Optional[Tensor], batch: i
     if variant == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     if variant == "dot":
-        return _ext().gemm((3, W, None, batch), x.contiguous())
+        ext = _ext()
+        if ext is not None:
+            return ext.gemm((3, W, None, batch), x.contiguous())
+        # chosen while the extension ran, and it no longer does (turned off or failed in this process)
     return torch.mm(x, W.t())
 
 

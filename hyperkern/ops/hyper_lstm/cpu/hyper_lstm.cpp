@@ -705,13 +705,22 @@ void backward_impl(const Tensor& XP, const Tensor& C, const Tensor& CH, const Te
   Tensor part = at::zeros({(B + ROWS - 1) / ROWS, L.size}, opt);
   T* part_p = part.data_ptr<T>();
 
+  // step t's slices by pointer arithmetic (no tensor operation per step), as in the forward
+  auto base = [](const Tensor& X) { return X.data_ptr<T>(); };
+  T *XP0 = base(XP), *A0 = base(A), *AH0 = base(AH), *WH0 = base(WH), *Z0 = base(Z), *S0 = base(S), *SH0 = base(SH);
+  T *C0 = base(C), *CH0 = base(CH), *DXP0 = base(DXP), *DWH0 = base(DWH), *DZ0 = base(DZ);
+  TORCH_CHECK(DAH.is_contiguous() && DWH.stride(1) == 4 * H && dh_c.is_contiguous() && dhh_c.is_contiguous(),
+              "backward loop: dense rows expected");
+  T *dhs_b = dhs_buf.data_ptr<T>(), *dhp_b = dh_buf.data_ptr<T>();
   for (int64_t t = T_ - 1; t >= 0; --t) {
     const int64_t n = counts[t];
-    const T *xp = XP[t].data_ptr<T>(), *a = A[t].data_ptr<T>(), *ah = AH[t].data_ptr<T>();
-    const T *whs = WH[t].data_ptr<T>(), *z = Z[t].data_ptr<T>(), *s = S[t].data_ptr<T>(), *sh = SH[t].data_ptr<T>();
-    const T *c0 = C[t].data_ptr<T>(), *c1 = C[t + 1].data_ptr<T>(), *ch0 = CH[t].data_ptr<T>(), *ch1 = CH[t + 1].data_ptr<T>();
+    const T *xp = XP0 + t * XP.stride(0), *a = A0 + t * A.stride(0), *ah = AH0 + t * AH.stride(0);
+    const T *whs = WH0 + t * WH.stride(0), *z = Z0 + t * Z.stride(0), *s = S0 + t * S.stride(0);
+    const T *sh = SH0 + t * SH.stride(0);
+    const T *c0 = C0 + t * C.stride(0), *c1 = C0 + (t + 1) * C.stride(0), *ch0 = CH0 + t * CH.stride(0);
+    const T *ch1 = CH0 + (t + 1) * CH.stride(0);
     const T *mm = mm_p ? mm_p + t * B * H : nullptr, *mh = mh_p ? mh_p + t * B * K : nullptr;
-    T *dxp = DXP[t].data_ptr<T>(), *dwh = DWH[t].data_ptr<T>(), *dz = DZ[t].data_ptr<T>();
+    T *dxp = DXP0 + t * DXP.stride(0), *dwh = DWH0 + t * DWH.stride(0), *dz = DZ0 + t * DZ.stride(0);
     const T* dout = d_out.has_value() ? d_out->data_ptr<T>() + t * B * H : nullptr;  // d out[t], if any
     // ---- per chunk of rows: main cell, d/dz, d/dĥ, hyper cell; then the chunk's batch sums ----
     {
@@ -762,17 +771,24 @@ void backward_impl(const Tensor& XP, const Tensor& C, const Tensor& CH, const Te
     });
     }
     // ---- d h_{t-1} = (d_h ⊙ da) W_hh + dâ W_rec[:, :H];  d ĥ_{t-1} = dâ W_rec[:, H:] ------------
-    Tensor dhs, dhp;
-    if (g_rec_t.kind == 3 && g_hh_t.kind == 3) {  // both "dot": one parallel region
+    const T *dhs_p, *dhp_p;
+    Tensor dhs, dhp;  // the library variants' products (they may allocate their own)
+    if (g_rec_t.kind == 3 && g_hh_t.kind == 3) {  // both "dot": one parallel region, no tensor made
       RECORD_FUNCTION("hyper_lstm_cpu::dot_pair", c10::ArrayRef<const c10::IValue>{});
-      dhs = dhs_buf.narrow(0, 0, n), dhp = dh_buf.narrow(0, 0, n);
-      dot_jobs<T>({dot_job(DAH.narrow(0, 0, n), g_rec_t.w, dhs), dot_job(DWH[t].narrow(0, 0, n), g_hh_t.w, dhp)});
+      dot_jobs<T>({DotJob{dah, 4 * K, n, g_rec_t.w.data_ptr(), g_rec_t.w.size(0), g_rec_t.w.size(1), dhs_b, H + K},
+                   DotJob{dwh, 4 * H, n, g_hh_t.w.data_ptr(), g_hh_t.w.size(0), g_hh_t.w.size(1), dhp_b, H}});
+      dhs_p = dhs_b, dhp_p = dhp_b;
     } else {
-      dhs = g_rec_t(DAH.narrow(0, 0, n), dhs_buf.narrow(0, 0, n));
-      dhp = g_hh_t(DWH[t].narrow(0, 0, n), dh_buf.narrow(0, 0, n));
+      dhs = g_rec_t(DAH.narrow(0, 0, n), dhs_buf.narrow(0, 0, n)).contiguous();
+      dhp = g_hh_t(DWH[t].narrow(0, 0, n), dh_buf.narrow(0, 0, n)).contiguous();
+      dhs_p = dhs.data_ptr<T>(), dhp_p = dhp.data_ptr<T>();
     }
-    dh_c.narrow(0, 0, n).copy_(dhp).add_(dhs.narrow(1, 0, H));
-    dhh_c.narrow(0, 0, n).copy_(dhs.narrow(1, H, K));
+    for (int64_t b = 0; b < n; ++b) {  // dh = (d_h ⊙ da) W_hh + dâ W_rec[:, :H];  dĥ = dâ W_rec[:, H:]
+      const T *r = dhs_p + b * (H + K), *q = dhp_p + b * H;
+      T* o = dh_p + b * H;
+      vfor<T>(H, [&](int64_t j, int64_t c) { (ld(q + j, c) + ld(r + j, c)).store(o + j, c); });
+      std::copy(r + H, r + H + K, dhh_p + b * K);
+    }
   }
   // the chunks' partial sums, in chunk order, into the accumulators (bias, d_weight^T, then ln)
   Tensor total = part[0].clone();
