@@ -201,6 +201,7 @@ def test_derived_cache_hits_and_is_never_stale(ext):
     out.square().sum().backward()
     opt.step()
     after = _cell_step(cell, x)
+    assert len(fused_torch._derived_cache) == 1  # the superseded version's entry was dropped
     assert not torch.equal(after, first)
     assert rel_err(after, _reference_step(cell, x)) <= TOL[F64]
     for write in (lambda: cell.hyper_weight_ih.copy_(torch.randn_like(cell.hyper_weight_ih)),  # a cat'ed one

@@ -240,7 +240,12 @@ def _derived(p: Dict[str, Tensor], cfg: CellConfig, like: Tensor) -> _Derived:
             _derived_cache.move_to_end(key)
             return d
     d = _Derived(p, cfg, like)
+    d.same_tensors = tuple(id(q) for q in p.values())
     with _derived_lock:
+        # an older version of the same parameters (training: every optimizer step) is never asked
+        # for again: drop it now rather than keep its copies (~2x the weights at PTB) until evicted
+        for k in [k for k, v in _derived_cache.items() if v.same_tensors == d.same_tensors]:
+            del _derived_cache[k]
         _derived_cache[key] = d
         while len(_derived_cache) > DERIVED_CACHE_SIZE:
             _derived_cache.popitem(last=False)
