@@ -345,6 +345,22 @@ def test_autocast_applies_to_every_backend_and_the_cell():
         hyp(x)
 
 
+def test_autocast_policy_and_its_registration(monkeypatch):
+    """The policy (one function) on each device, and its rule registered on every sequence op for
+    CPU and CUDA (CUDA itself runs in gpu-check's autocast rows)."""
+    for op_name in ("hyper_lstm_torch", "hyper_lstm_triton", "hyper_lstm_triton_persistent"):
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key("hyperkern::" + op_name, key), (op_name, key)
+    assert precision.autocast_dtype("cpu", torch.float32) is None  # autocast off: inputs must match
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: True)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.float16)
+    assert precision.autocast_dtype("cuda", torch.float32) == torch.float16  # CUDA: the autocast dtype
+    assert precision.autocast_dtype("cuda", torch.bfloat16) == torch.float16
+    assert precision.autocast_dtype("cuda", torch.float64) == torch.float64  # as autocast leaves fp64 alone
+    assert precision.autocast_dtype("cpu", torch.float32) == torch.float32  # CPU: the parameters' dtype
+    assert precision.autocast_dtype("cpu", torch.float64) == torch.float64
+
+
 def test_autocast_inside_torch_compile_fullgraph():
     """The autocast rule is registered for the Python dispatcher too: a compiled region traces it."""
     _, hyp = pair(X, H)
