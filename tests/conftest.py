@@ -168,3 +168,17 @@ def masks_to(masks, device, dtype):
 
 
 MASK_KINDS = ("tensors", "seeded")  # parametrize ids: recurrent dropout as given masks / from a seed
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The built C++ CPU loop (built here once if needed: ~30 s the first time on a machine)."""
+    import shutil
+
+    from hyperkern.ops.hyper_lstm import cpu
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the eager loop is what runs here (tested in test_torch_backend.py)")
+    ok, why = cpu.status(build=True)
+    assert ok, f"the C++ CPU loop did not build: {why}"
+    return cpu.load()

@@ -27,16 +27,6 @@ F64, F32 = torch.float64, torch.float32
 X, H, Hh, E, B, T = 7, 33, 10, 3, 3, 5  # odd, non-power-of-two sizes
 
 
-@pytest.fixture(scope="module")
-def ext():
-    """The built extension (built here once if needed: ~30 s the first time on a machine)."""
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the eager loop is what runs here (tested in test_torch_backend.py)")
-    ok, why = cpu.status(build=True)
-    assert ok, f"the C++ CPU loop did not build: {why}"
-    return cpu.load()
-
-
 def _run(fn, x, state, p, cfg, lengths, masks, dtype, g_out, g_state):
     """(outputs, final state, gradients of x, the state and every parameter) of one backend call."""
     xx = x.to(dtype).requires_grad_()

@@ -26,15 +26,6 @@ from hyperkern.ops.hyper_lstm.cpu import gemm
 F64, F32 = torch.float64, torch.float32
 
 
-@pytest.fixture(scope="module")
-def ext():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the eager loop is what runs here")
-    ok, why = cpu.status(build=True)
-    assert ok, f"the C++ CPU loop did not build: {why}"
-    return cpu.load()
-
-
 def _threads(n, fn):
     old = torch.get_num_threads()
     torch.set_num_threads(n)
