@@ -24,7 +24,7 @@ def _checkout_kernels() -> None:
 _checkout_kernels()
 
 from .modules import HyperLSTM, HyperLSTMCell  # noqa: E402
-from .ops.hyper_lstm import available_backends  # noqa: E402
+from .ops.hyper_lstm import available_backends, cached_weights  # noqa: E402
 from .ops.hyper_lstm.common import CellConfig, HyperLSTMState  # noqa: E402
 from .ops.hyper_lstm.fused_triton.graphs import (clear_cuda_graph_cache, cuda_graph_cache_info,  # noqa: E402
                                                  set_cuda_graph_cache)
@@ -32,7 +32,7 @@ from .ops.static_gen import static_kernel_gen, static_kernel_gen_layers  # noqa:
 from .static import HyperConv2d, HyperWideResNet, StaticHyperNetwork, wrn_hyper_layer_shapes  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["HyperLSTM", "HyperLSTMCell", "HyperLSTMState", "CellConfig", "available_backends",
+__all__ = ["HyperLSTM", "HyperLSTMCell", "HyperLSTMState", "CellConfig", "available_backends", "cached_weights",
            "static_kernel_gen", "static_kernel_gen_layers", "StaticHyperNetwork", "HyperConv2d",
            "HyperWideResNet", "wrn_hyper_layer_shapes", "set_cuda_graph_cache", "cuda_graph_cache_info",
            "clear_cuda_graph_cache"]

@@ -6,8 +6,9 @@
 - the chooser times each candidate warm: in blocks of consecutive calls, each after an untimed one;
 - the inference call in one C++ call (``forward_infer``) against the float64 reference and the
   op's own path, at T=1 (sampling) and over several input-projection chunks;
-- the derived-weight cache: hit while nothing changed, never stale after an optimizer step, an
-  in-place ``copy_``, ``load_state_dict``, or a new parameter;
+- the derived-weight cache: off outside ``cached_weights()`` (a write through ``.data`` is seen, as
+  by ``nn.LSTM``); inside, hit while nothing changed, never stale after an optimizer step, an
+  in-place ``copy_``, ``load_state_dict``, or a new parameter; emptied when the block closes;
 - the direct call of the op's body (inference on plain CPU tensors) gives the op's results, and
   training / autocast still go through the op.
 """
@@ -164,21 +165,23 @@ def _cell_step(cell, x, hx=None):
         return cell(x, hx)[0]
 
 
-def _reference_step(cell, x):
+def _reference_step(cell, x, hx=None):
+    sizes = (cell.hidden_size, cell.hidden_size, cell.hyper_size, cell.hyper_size)
+    state = list(hx) if hx is not None else [torch.zeros(x.shape[0], n, dtype=x.dtype) for n in sizes]
     with torch.no_grad():
-        return cell.run(x.unsqueeze(0), [torch.zeros(x.shape[0], n, dtype=x.dtype) for n in
-                                         (cell.hidden_size, cell.hidden_size, cell.hyper_size, cell.hyper_size)],
-                        backend="reference")[0][0]
+        return cell.run(x.unsqueeze(0), state, backend="reference")[0][0]
 
 
 def test_derived_cache_hits_and_is_never_stale(ext):
-    torch.manual_seed(0)
     cell = HyperLSTMCell(6, 12, hyper_size=5, embed_size=2, backend="torch").double()
-    with torch.no_grad():  # away from the init (d = 0.1 exactly, beta = 0), so every weight matters
-        for q in cell.parameters():
-            q.add_(0.05 * torch.randn_like(q))
+    _off_the_init(cell, 0)
     x = torch.randn(2, 6, dtype=F64)
-    fused_torch.clear_derived_cache()
+    with fused_torch.cached_weights():
+        _derived_cache_body(cell, x)
+    assert len(fused_torch._derived_cache) == 0  # emptied when the block closed
+
+
+def _derived_cache_body(cell, x):
     first = _cell_step(cell, x)
     assert len(fused_torch._derived_cache) == 1
     entry = next(iter(fused_torch._derived_cache.values()))
@@ -209,8 +212,57 @@ def test_derived_cache_hits_and_is_never_stale(ext):
     assert len(fused_torch._derived_cache) <= fused_torch.DERIVED_CACHE_SIZE
 
 
+def _off_the_init(module, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():  # away from the init (d = 0.1 exactly, beta = 0), so every weight matters
+        for q in module.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+
+
+def test_writes_through_data_are_seen_outside_cached_weights(ext):
+    """Without a cached_weights() block every call derives its weights: a write through ``.data``
+    (the classic hand-written SGD step, gradcheck's perturbations) changes the next result."""
+    cell = HyperLSTMCell(6, 12, hyper_size=5, embed_size=2, backend="torch").double()
+    _off_the_init(cell, 2)
+    x = torch.randn(2, 6, dtype=F64)
+    hx = tuple(0.5 * torch.randn(2, n, dtype=F64) for n in (12, 12, 5, 5))  # not zeros: W_hh matters
+    first = _cell_step(cell, x, hx)
+    for name in ("weight_hh", "hyper_weight_ih", "hyper_weight_hh", "d_weight", "ln_bias", "z_weight"):
+        getattr(cell, name).data.mul_(1.25)  # bumps no version counter
+        got = _cell_step(cell, x, hx)
+        assert not torch.equal(got, first), name
+        assert rel_err(got, _reference_step(cell, x, hx)) <= TOL[F64], name
+        first = got
+    assert len(fused_torch._derived_cache) == 0
+
+
+def test_cached_weights_nests_and_empties_on_exit(ext):
+    cell = HyperLSTMCell(6, 12, hyper_size=5, embed_size=2, backend="torch").double()
+    _off_the_init(cell, 3)
+    x = torch.randn(2, 6, dtype=F64)
+    with fused_torch.cached_weights():
+        with fused_torch.cached_weights():
+            a = _cell_step(cell, x)
+        assert len(fused_torch._derived_cache) == 1  # the outer block still holds it
+        entry = next(iter(fused_torch._derived_cache.values()))
+        assert torch.equal(_cell_step(cell, x), a)
+        assert next(iter(fused_torch._derived_cache.values())) is entry
+    assert len(fused_torch._derived_cache) == 0
+    with pytest.raises(ZeroDivisionError):  # an exception in the block: emptied all the same
+        with fused_torch.cached_weights():
+            _cell_step(cell, x)
+            1 / 0
+    assert len(fused_torch._derived_cache) == 0
+
+
 def test_derived_cache_in_training_sees_each_step(ext):
-    """Training with a forward per optimizer step: each forward and backward uses that step's weights."""
+    """Training with a forward per optimizer step, inside cached_weights(): each forward and
+    backward uses that step's weights."""
+    with fused_torch.cached_weights():
+        _training_sees_each_step()
+
+
+def _training_sees_each_step():
     torch.manual_seed(1)
     m = HyperLSTM(5, 9, hyper_size=4, embed_size=2, backend="torch").double()
     ref = HyperLSTM(5, 9, hyper_size=4, embed_size=2, backend="reference").double()

@@ -22,6 +22,7 @@ from ..registry import FLOATS, Backend, Registry, triton_requires
 from . import fused_torch, fused_triton, naive
 from .common import CellConfig, HyperLSTMState, PARAM_NAMES, autocast_backend, register_sequence_autocast  # noqa: F401
 from .dropout import DropoutSeed  # noqa: F401  (re-exported)
+from .fused_torch import cached_weights  # noqa: F401  (re-exported)
 
 
 def _triton_limits(embed_size: Optional[int] = None, **_) -> Optional[str]:
@@ -78,4 +79,4 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
 
 
 __all__ = ["REGISTRY", "BACKENDS", "TRITON_BACKENDS", "backend_status", "resolve_backend", "get_backend", "available_backends",
-           "CellConfig", "HyperLSTMState", "DropoutSeed"]
+           "CellConfig", "HyperLSTMState", "DropoutSeed", "cached_weights"]

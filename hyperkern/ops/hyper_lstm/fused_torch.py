@@ -30,6 +30,7 @@ length, so at step t only the first ``n_t`` rows are alive; the rest keep their 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -215,17 +216,46 @@ class _Derived:
 DERIVED_CACHE_SIZE = 4  # parameter sets (cells) whose derived weights are kept, least recently used out
 _derived_cache: "collections.OrderedDict[tuple, _Derived]" = collections.OrderedDict()
 _derived_lock = threading.Lock()
+_cache_scopes = threading.local()  # .depth: this thread's open cached_weights() blocks
+_open_scopes = 0  # every thread's, together: the cache is emptied when the last one closes
+
+
+@contextlib.contextmanager
+def cached_weights():
+    """Inside this block, the CPU path derives its weights (concatenations, transposes, the cells'
+    constants, the GEMMs' packed weights) once per version of the parameters, not once per call.
+    Like :func:`torch.nn.utils.parametrize.cached`; for loops of short calls (sampling one token
+    per call, ``HyperLSTMCell`` step by step), where deriving costs more than the step.
+
+    The promise the block asks: parameters are written only in place through the tensors
+    themselves (an optimizer step, ``copy_``, ``load_state_dict``: each bumps a version counter,
+    so the next call derives again), never through ``.data`` (which bumps nothing). Outside every
+    block, each call derives its own weights, like ``nn.LSTM``: no write can be missed. The cache is
+    emptied when the last open block (of any thread) closes. It changes nothing on other backends.
+    """
+    global _open_scopes
+    _cache_scopes.depth = getattr(_cache_scopes, "depth", 0) + 1
+    with _derived_lock:
+        _open_scopes += 1
+    try:
+        yield
+    finally:
+        _cache_scopes.depth -= 1
+        with _derived_lock:
+            _open_scopes -= 1
+            if _open_scopes == 0:
+                _derived_cache.clear()
 
 
 def _derived(p: Dict[str, Tensor], cfg: CellConfig, like: Tensor) -> _Derived:
-    """The derived weights for these parameters, from the cache when no parameter changed since.
+    """The derived weights for these parameters: new ones, or inside :func:`cached_weights` the
+    cached ones when no parameter changed since.
 
-    The key is each parameter's data address and version counter (bumped by
-    every in-place write through the tensor or its views: an optimizer step, ``copy_``,
-    ``load_state_dict``), plus the config. The entry keeps the parameters it was made from alive,
-    so their addresses cannot be reused by other tensors while it is cached. Writes through
-    ``.data`` do not bump a tensor's version (autograd does not see them either): after such a
-    write, call :func:`clear_derived_cache`."""
+    The key is each parameter's data address and version counter (bumped by every in-place write
+    through the tensor or its views), plus the config. The entry keeps the parameters it was made
+    from alive, so their addresses cannot be reused by other tensors while it is cached."""
+    if not getattr(_cache_scopes, "depth", 0):
+        return _Derived(p, cfg, like)
     try:
         ext = _loop_impl(like)
         if ext is not None:  # the same key, computed in one C++ call (23 tensors: ~3 µs instead of ~15)
@@ -242,6 +272,8 @@ def _derived(p: Dict[str, Tensor], cfg: CellConfig, like: Tensor) -> _Derived:
     d = _Derived(p, cfg, like)
     d.same_tensors = tuple(id(q) for q in p.values())
     with _derived_lock:
+        if _open_scopes == 0:  # the last block closed meanwhile (another thread): keep nothing
+            return d
         # an older version of the same parameters (training: every optimizer step) is never asked
         # for again: drop it now rather than keep its copies (~2x the weights at PTB) until evicted
         for k in [k for k, v in _derived_cache.items() if v.same_tensors == d.same_tensors]:
@@ -250,12 +282,6 @@ def _derived(p: Dict[str, Tensor], cfg: CellConfig, like: Tensor) -> _Derived:
         while len(_derived_cache) > DERIVED_CACHE_SIZE:
             _derived_cache.popitem(last=False)
     return d
-
-
-def clear_derived_cache() -> None:
-    """Forget every cached derived weight (needed only after writing parameters through ``.data``)."""
-    with _derived_lock:
-        _derived_cache.clear()
 
 
 def _loop_impl(x: Tensor):
