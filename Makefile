@@ -7,6 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hyperkern-installed
 PYTEST_ARGS ?=
+# test files run on this many pytest-xdist workers, each file whole on one worker (its module
+# fixtures, e.g. gpu-check's dry run, run once); 0 runs them in this process
+PYTEST_WORKERS ?= 2
 
 .PHONY: test bench bench-suite verify info compile-check gpu-check clean venv
 
@@ -19,7 +22,7 @@ $(STAMP): setup.py
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m hyperkern bench

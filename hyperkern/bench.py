@@ -71,7 +71,8 @@ def run_case(case: Case, backends=("torch",), repeats: int = 5, device="cpu") ->
 class SamplingCase:
     """Step-by-step calls (issue 19): sampling from a language model, one token per call, no
     gradient. ``cell``: ``HyperLSTMCell`` against ``nn.LSTMCell``; ``layer``: ``HyperLSTM`` with
-    T=1 against ``nn.LSTM``, the state fed back every step."""
+    T=1 against ``nn.LSTM``, the state fed back every step. Each Hyper* loop runs as is (every call
+    derives its weights) and inside ``hyperkern.cached_weights()`` (once per parameter version)."""
 
     X: int = 64
     H: int = 256
@@ -86,9 +87,12 @@ class SamplingCase:
 SAMPLING = SamplingCase()
 
 
+CACHED = " +cached_weights"  # the suffix of a loop run inside hyperkern.cached_weights()
+
+
 def sampling_fns(case: SamplingCase = SAMPLING, backend: str = "torch") -> Dict[str, object]:
-    """The four sampling loops of ``steps`` calls each, as zero-argument functions."""
-    from hyperkern import HyperLSTM, HyperLSTMCell
+    """The six sampling loops of ``steps`` calls each, as zero-argument functions."""
+    from hyperkern import HyperLSTM, HyperLSTMCell, cached_weights
 
     torch.manual_seed(0)
     kw = dict(hyper_size=case.Hh, embed_size=case.E)
@@ -116,8 +120,15 @@ def sampling_fns(case: SamplingCase = SAMPLING, backend: str = "torch") -> Dict[
                     _, hx = layer(x1, hx)
         return run
 
+    def cached(run):
+        def run_cached():
+            with cached_weights():
+                run()
+        return run_cached
+
     fns = {k: cell_loop(m) for k, m in cells.items()}
     fns.update({k: layer_loop(m) for k, m in layers.items()})
+    fns.update({k + CACHED: cached(fns[k]) for k in ("HyperLSTMCell", "HyperLSTM")})
     return fns
 
 
@@ -128,7 +139,7 @@ def run_sampling(case: SamplingCase = SAMPLING, repeats: int = 7) -> List[dict]:
     rows = []
     for name, base, target in (("HyperLSTMCell", "nn.LSTMCell", case.target_cell),
                                ("HyperLSTM", "nn.LSTM", case.target_layer)):
-        for n in (base, name):
+        for n in (base, name, name + CACHED):
             rows.append({"case": "sampling", "model": n, "us_per_step": times[n] / case.steps * 1e6,
                          "ratio": times[n] / times[base], "target_ratio": None if n == base else target,
                          "shape": asdict(case)})
@@ -142,7 +153,7 @@ def format_sampling(rows: List[dict]) -> str:
     for r in rows:
         flag = "" if r["target_ratio"] is None else (
             f"  <={r['target_ratio']:.1f} " + ("met" if r["ratio"] <= r["target_ratio"] else "MISSED"))
-        lines.append(f"  {r['model']:14s} {r['us_per_step']:8.1f} µs/step  ratio {r['ratio']:5.2f}{flag}")
+        lines.append(f"  {r['model']:29s} {r['us_per_step']:8.1f} µs/step  ratio {r['ratio']:5.2f}{flag}")
     return "\n".join(lines)
 
 
