@@ -21,6 +21,7 @@ import torch
 
 from conftest import TOL, cell_params, rel_err, sequence_inputs
 from hyperkern import HyperLSTM, HyperLSTMCell
+from hyperkern.testing import randomize_
 from hyperkern.ops.hyper_lstm import CellConfig, cpu, fused_torch, naive
 from hyperkern.ops.hyper_lstm.cpu import gemm
 
@@ -174,7 +175,7 @@ def _reference_step(cell, x, hx=None):
 
 def test_derived_cache_hits_and_is_never_stale(ext):
     cell = HyperLSTMCell(6, 12, hyper_size=5, embed_size=2, backend="torch").double()
-    _off_the_init(cell, 0)
+    randomize_(cell, torch.Generator().manual_seed(0))
     x = torch.randn(2, 6, dtype=F64)
     with fused_torch.cached_weights():
         _derived_cache_body(cell, x)
@@ -212,18 +213,11 @@ def _derived_cache_body(cell, x):
     assert len(fused_torch._derived_cache) <= fused_torch.DERIVED_CACHE_SIZE
 
 
-def _off_the_init(module, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():  # away from the init (d = 0.1 exactly, beta = 0), so every weight matters
-        for q in module.parameters():
-            q.add_(0.05 * torch.randn_like(q))
-
-
 def test_writes_through_data_are_seen_outside_cached_weights(ext):
     """Without a cached_weights() block every call derives its weights: a write through ``.data``
     (the classic hand-written SGD step, gradcheck's perturbations) changes the next result."""
     cell = HyperLSTMCell(6, 12, hyper_size=5, embed_size=2, backend="torch").double()
-    _off_the_init(cell, 2)
+    randomize_(cell, torch.Generator().manual_seed(2))
     x = torch.randn(2, 6, dtype=F64)
     hx = tuple(0.5 * torch.randn(2, n, dtype=F64) for n in (12, 12, 5, 5))  # not zeros: W_hh matters
     first = _cell_step(cell, x, hx)
@@ -238,7 +232,7 @@ def test_writes_through_data_are_seen_outside_cached_weights(ext):
 
 def test_cached_weights_nests_and_empties_on_exit(ext):
     cell = HyperLSTMCell(6, 12, hyper_size=5, embed_size=2, backend="torch").double()
-    _off_the_init(cell, 3)
+    randomize_(cell, torch.Generator().manual_seed(3))
     x = torch.randn(2, 6, dtype=F64)
     with fused_torch.cached_weights():
         with fused_torch.cached_weights():
